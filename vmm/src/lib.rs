@@ -1,0 +1,1 @@
+//! The sandboxd virtual machine monitor: one KVM microVM per process.
