@@ -1,1 +1,255 @@
-//! Integration tests live beside this crate.
+//! Test support: starts the real `sandboxd` binary on a free loopback port
+//! with a private state directory, and builds authenticated gRPC clients.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sandbox_proto::api::{
+    exec_event::Event, files_client::FilesClient, processes_client::ProcessesClient,
+    sandboxes_client::SandboxesClient, CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, Limits,
+};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+use tonic::{
+    metadata::MetadataValue,
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::Channel,
+    Request, Status,
+};
+
+/// Where cargo put the binaries of this workspace (next to the test's deps dir).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build -p sandboxd -p sandbox-agent` first", path.display());
+    path
+}
+
+/// Options of one daemon under test.
+pub struct DaemonOptions {
+    pub api_keys: Option<String>,
+    pub pool_size: usize,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self { api_keys: None, pool_size: 1, extra_args: Vec::new() }
+    }
+}
+
+/// A running `sandboxd serve`, stopped with SIGTERM on drop.
+pub struct Daemon {
+    child: Child,
+    pub endpoint: String,
+    pub state_dir: PathBuf,
+}
+
+impl Daemon {
+    pub async fn start(options: DaemonOptions) -> Daemon {
+        let port = free_port();
+        let state_dir = std::env::temp_dir().join(format!("sandboxd-test-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir_all(&state_dir).expect("create the state dir");
+        let mut command = Command::new(binary("sandboxd"));
+        command
+            .args(["serve", "--backend", "jail", "--metrics-listen", "off"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--pool-size")
+            .arg(options.pool_size.to_string())
+            .args(&options.extra_args)
+            .env_remove("SANDBOXD_API_KEYS")
+            .stdin(Stdio::null());
+        if let Some(keys) = &options.api_keys {
+            command.env("SANDBOXD_API_KEYS", keys);
+        }
+        let child = command.spawn().expect("start sandboxd");
+        let daemon = Daemon { child, endpoint: format!("http://127.0.0.1:{port}"), state_dir };
+        daemon.wait_until_serving().await;
+        daemon
+    }
+
+    async fn wait_until_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(channel) = Channel::from_shared(self.endpoint.clone()).unwrap().connect().await {
+                if health_is_serving(channel).await {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sandboxd did not start serving on {} within 30 s", self.endpoint);
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.expect("connect to sandboxd")
+    }
+
+    /// Clients that send `key` (if any) as a bearer token.
+    pub async fn clients(&self, key: Option<&str>) -> Clients {
+        Clients::new(self.channel().await, key)
+    }
+
+    /// The daemon's audit log.
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("audit.log")).unwrap_or_default()
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_dir_all(&self.state_dir);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Whether the daemon's `grpc.health.v1` service reports SERVING.
+async fn health_is_serving(channel: Channel) -> bool {
+    let mut health = HealthClient::new(channel);
+    let reply = health.check(HealthCheckRequest { service: String::new() }).await;
+    matches!(reply, Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+}
+
+/// Adds `authorization: Bearer <key>` when a key is set.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// The three public services over one channel.
+pub struct Clients {
+    pub sandboxes: SandboxesClient<Authed>,
+    pub processes: ProcessesClient<Authed>,
+    pub files: FilesClient<Authed>,
+}
+
+impl Clients {
+    pub fn new(channel: Channel, key: Option<&str>) -> Self {
+        let bearer = Bearer(key.map(|k| format!("Bearer {k}").parse().expect("an ASCII key")));
+        let limit = 64 * 1024 * 1024;
+        Clients {
+            sandboxes: SandboxesClient::with_interceptor(channel.clone(), bearer.clone()),
+            processes: ProcessesClient::with_interceptor(channel.clone(), bearer.clone())
+                .max_decoding_message_size(limit),
+            files: FilesClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        }
+    }
+
+    /// Another set of clients sharing the same connection.
+    pub fn new_from(other: &Clients) -> Self {
+        Clients { sandboxes: other.sandboxes.clone(), processes: other.processes.clone(), files: other.files.clone() }
+    }
+
+    /// Creates a sandbox with the given limits and returns its id.
+    pub async fn create(&mut self, limits: Option<Limits>) -> String {
+        let request = CreateSandboxRequest { limits, ..Default::default() };
+        self.sandboxes.create(request).await.expect("Create").into_inner().id
+    }
+
+    /// Runs `argv` to completion and collects what it printed.
+    pub async fn exec(&mut self, sandbox: &str, argv: &[&str]) -> Result<Output, Status> {
+        self.exec_request(ExecRequest { sandbox_id: sandbox.to_string(), argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() })
+            .await
+    }
+
+    pub async fn exec_request(&mut self, request: ExecRequest) -> Result<Output, Status> {
+        let mut events = self.processes.exec(request).await?.into_inner();
+        let mut output = Output::default();
+        while let Some(event) = events.message().await? {
+            output.absorb(event);
+        }
+        Ok(output)
+    }
+
+    /// Runs a shell command and returns its stdout as text, asserting it exited 0.
+    pub async fn sh(&mut self, sandbox: &str, script: &str) -> String {
+        let output = self.exec(sandbox, &["sh", "-c", script]).await.expect("Exec");
+        assert_eq!(output.code(), Some(0), "`{script}` failed: {}", output.stderr_text());
+        output.stdout_text()
+    }
+}
+
+/// Everything a finished process sent.
+#[derive(Default, Debug)]
+pub struct Output {
+    pub pid: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit: Option<ExitStatus>,
+}
+
+impl Output {
+    pub fn absorb(&mut self, event: ExecEvent) {
+        match event.event {
+            Some(Event::Started(started)) => self.pid = Some(started.pid),
+            Some(Event::Stdout(data)) => self.stdout.extend_from_slice(&data),
+            Some(Event::Stderr(data)) => self.stderr.extend_from_slice(&data),
+            Some(Event::Exit(exit)) => self.exit = Some(exit),
+            None => {}
+        }
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        use sandbox_proto::api::exit_status::Outcome;
+        match self.exit.as_ref()?.outcome? {
+            Outcome::Code(code) => Some(code),
+            Outcome::Signal(_) => None,
+        }
+    }
+
+    pub fn signal(&self) -> Option<i32> {
+        use sandbox_proto::api::exit_status::Outcome;
+        match self.exit.as_ref()?.outcome? {
+            Outcome::Signal(signal) => Some(signal),
+            Outcome::Code(_) => None,
+        }
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}

@@ -1,0 +1,90 @@
+//! `sandbox.v1.Processes`: exec, interactive sessions and run-code, each
+//! forwarded to the sandbox's agent.
+
+use std::time::Instant;
+
+use sandbox_proto::api::{
+    connect_request::Input, processes_server::Processes, ConnectRequest, ExecEvent, ExecRequest,
+    RunCodeRequest, RunCodeResponse,
+};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{agent_status, forwarded_stream, require_sandbox_id, require_size, ApiContext, ReplyStream, MAX_CHUNK_BYTES, MAX_STDIN_BYTES};
+use crate::auth;
+
+pub struct ProcessesService(pub ApiContext);
+
+#[tonic::async_trait]
+impl Processes for ProcessesService {
+    type ExecStream = ReplyStream<ExecEvent>;
+    type ConnectStream = ReplyStream<ExecEvent>;
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        let id = request.get_ref().sandbox_id.clone();
+        let reply = self
+            .0
+            .forward(
+                request,
+                "Exec",
+                |r| &r.sandbox_id,
+                |handle, r| {
+                    require_size("stdin", r.stdin.len(), MAX_STDIN_BYTES, "upload large input with Files.Upload and read it from the file")?;
+                    r.env = handle.merged_env(std::mem::take(&mut r.env));
+                    Ok(())
+                },
+                |mut agent, r| async move { agent.exec(r).await },
+            )
+            .await?;
+        Ok(Response::new(forwarded_stream(id, reply.into_inner())))
+    }
+
+    async fn connect(&self, request: Request<Streaming<ConnectRequest>>) -> Result<Response<Self::ConnectStream>, Status> {
+        let started = Instant::now();
+        let caller = auth::caller(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        let mut start = match first.and_then(|m| m.input) {
+            Some(Input::Start(start)) => start,
+            _ => {
+                let status = Status::failed_precondition(
+                    "the first Connect message must be `start` (with process.sandbox_id and argv); send stdin, resize and signals after it",
+                );
+                return self.0.observe(&caller, "", "Connect", started, Err(status));
+            }
+        };
+        let id = start.process.as_ref().map(|p| p.sandbox_id.clone()).unwrap_or_default();
+        let result = async {
+            require_sandbox_id(&id)?;
+            let handle = self.0.manager.agent(&caller, &id).await?;
+            if let Some(process) = start.process.as_mut() {
+                process.env = handle.merged_env(std::mem::take(&mut process.env));
+            }
+            let first = ConnectRequest { input: Some(Input::Start(start)) };
+            // A client error ends the forwarded input; the process then sees end of stdin.
+            let rest = inbound.map_while(Result::ok);
+            let outbound = tokio_stream::once(first).chain(rest);
+            let mut agent = handle.agent;
+            let events = agent.connect(outbound).await.map_err(|status| agent_status(&id, status))?;
+            Ok(forwarded_stream(id.clone(), events.into_inner()))
+        }
+        .await;
+        self.0.observe(&caller, &id, "Connect", started, result).map(Response::new)
+    }
+
+    async fn run_code(&self, request: Request<RunCodeRequest>) -> Result<Response<RunCodeResponse>, Status> {
+        self.0
+            .forward(
+                request,
+                "RunCode",
+                |r| &r.sandbox_id,
+                |handle, r| {
+                    require_size("code", r.code.len(), MAX_CHUNK_BYTES, "upload large programs with Files.Upload and run them with Exec")?;
+                    r.env = handle.merged_env(std::mem::take(&mut r.env));
+                    Ok(())
+                },
+                |mut agent, r| async move { agent.run_code(r).await },
+            )
+            .await
+    }
+}

@@ -1,0 +1,143 @@
+//! Sandbox backends behind one trait: the daemon's core asks a backend to
+//! launch an isolated guest running `sandbox-agent`, and from then on talks
+//! only to that agent. `jail` uses namespaces and cgroups; `microvm` uses a
+//! KVM microVM per sandbox.
+
+pub mod jail;
+pub mod jail_backend;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use sandbox_proto::agent::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+/// Which isolation a backend gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Jail,
+    MicroVm,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Jail => "jail",
+            BackendKind::MicroVm => "microvm",
+        }
+    }
+}
+
+/// Resource limits of one sandbox, with defaults already filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceLimits {
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub max_processes: u32,
+}
+
+/// What a backend needs to launch one guest.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    pub id: String,
+    /// Root filesystem of the template; `None` means the host's own
+    /// read-only system directories.
+    pub rootfs: Option<PathBuf>,
+    pub limits: ResourceLimits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot launch the sandbox: {0}")]
+    Launch(String),
+    #[error("the sandbox agent did not answer within {0:?}: {1}")]
+    AgentTimeout(Duration, String),
+    #[error("cannot {action} the sandbox: {reason}")]
+    Control { action: &'static str, reason: String },
+}
+
+/// A backend creates guests.
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    fn kind(&self) -> BackendKind;
+
+    /// Launches a guest and returns once its agent answers `Hello`.
+    async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError>;
+}
+
+/// One running guest.
+#[tonic::async_trait]
+pub trait Instance: Send + Sync {
+    /// A client of the guest's agent.
+    fn agent(&self) -> AgentClient<Channel>;
+
+    /// Stops every process of the guest in place.
+    async fn pause(&self) -> Result<(), BackendError>;
+
+    /// Continues a paused guest.
+    async fn resume(&self) -> Result<(), BackendError>;
+
+    /// Changes the limits of a running guest.
+    async fn set_limits(&self, limits: ResourceLimits) -> Result<(), BackendError>;
+
+    /// Whether the guest is still there (its init has not died).
+    fn is_alive(&self) -> bool;
+
+    /// Stops the guest and frees everything it held.
+    async fn destroy(self: Box<Self>) -> Result<(), BackendError>;
+}
+
+/// The `--backend` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// microvm where the host can run it, else jail.
+    Auto,
+    Jail,
+    #[value(name = "microvm")]
+    MicroVm,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    #[error("the microvm backend cannot run on this host: {0}; use --backend jail or --backend auto")]
+    MicroVmUnavailable(String),
+    #[error("the jail backend cannot run on this host: {0}")]
+    JailUnavailable(String),
+}
+
+/// Builds the backend the flag asks for, saying in one line why `auto`
+/// did not pick microvm.
+pub fn select(choice: BackendChoice, state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend>, SelectError> {
+    let microvm = microvm_support();
+    match (choice, microvm) {
+        (BackendChoice::MicroVm, Err(reason)) => Err(SelectError::MicroVmUnavailable(reason)),
+        (BackendChoice::Auto, Err(reason)) => {
+            tracing::warn!("microVMs cannot run on this host ({reason}); using the jail backend");
+            jail_backend(state_dir, agent_binary)
+        }
+        (BackendChoice::Jail, _) => jail_backend(state_dir, agent_binary),
+        (BackendChoice::Auto | BackendChoice::MicroVm, Ok(())) => Err(SelectError::MicroVmUnavailable(
+            "this build's microvm backend cannot yet serve sandboxes".to_string(),
+        )),
+    }
+}
+
+fn jail_backend(state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend>, SelectError> {
+    let backend = jail_backend::JailBackend::new(state_dir.join("jails"), agent_binary.to_path_buf())
+        .map_err(|error| SelectError::JailUnavailable(error.to_string()))?;
+    Ok(Arc::new(backend))
+}
+
+/// Whether this host can run Linux microVMs at a usable speed.
+fn microvm_support() -> Result<(), String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm does not exist (no hardware virtualization, or the kvm module is not loaded)".to_string());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err("/dev/kvm is PVM, which emulates guest ring 0 (about 1.3 M instructions/s), too slow to boot a Linux guest".to_string());
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Prometheus metrics: the exporter and the names the daemon records.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+pub const RPC_TOTAL: &str = "sandboxd_rpc_total";
+pub const RPC_SECONDS: &str = "sandboxd_rpc_duration_seconds";
+pub const SANDBOXES_ACTIVE: &str = "sandboxd_sandboxes_active";
+pub const SANDBOXES_EXPIRED: &str = "sandboxd_sandboxes_expired_total";
+pub const CREATE_SECONDS: &str = "sandboxd_create_duration_seconds";
+pub const POOL_READY: &str = "sandboxd_pool_ready";
+pub const POOL_HITS: &str = "sandboxd_pool_hits_total";
+pub const POOL_MISSES: &str = "sandboxd_pool_misses_total";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot serve /metrics on {addr}: {reason}; pick a free address with --metrics-listen")]
+    Install { addr: SocketAddr, reason: String },
+}
+
+/// Serves `/metrics` on `addr` from a background task.
+pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|error| MetricsError::Install { addr, reason: error.to_string() })?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    metrics::describe_counter!(RPC_TOTAL, "gRPC calls by method and status code");
+    metrics::describe_histogram!(RPC_SECONDS, "gRPC call latency by method (unary calls, or stream set-up)");
+    metrics::describe_gauge!(SANDBOXES_ACTIVE, "sandboxes that exist now");
+    metrics::describe_counter!(SANDBOXES_EXPIRED, "sandboxes deleted because their TTL passed");
+    metrics::describe_histogram!(CREATE_SECONDS, "Create latency by source (pool or cold)");
+    metrics::describe_gauge!(POOL_READY, "paused guests waiting in the warm pool");
+    metrics::describe_counter!(POOL_HITS, "Creates served from the warm pool");
+    metrics::describe_counter!(POOL_MISSES, "Creates that launched a guest cold");
+}

@@ -1,0 +1,105 @@
+"""Fixtures: Python stubs generated from proto/ with grpcio-tools, and a
+real sandboxd daemon on a free loopback port."""
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _generate_stubs(out_dir: pathlib.Path) -> None:
+    from grpc_tools import protoc
+
+    protos = sorted(str(p.relative_to(REPO / "proto")) for p in (REPO / "proto").rglob("*.proto"))
+    args = ["protoc", f"-I{REPO / 'proto'}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
+    if protoc.main(args) != 0:
+        raise RuntimeError("grpcio-tools could not compile proto/")
+
+
+@pytest.fixture(scope="session")
+def pb():
+    """The generated modules, as a namespace."""
+    out_dir = pathlib.Path(tempfile.mkdtemp(prefix="sandboxd-pystubs-"))
+    _generate_stubs(out_dir)
+    sys.path.insert(0, str(out_dir))
+    from sandbox.v1 import filesystem_pb2, process_pb2, sandbox_pb2, sandbox_pb2_grpc
+
+    class Modules:
+        sandbox = sandbox_pb2
+        process = process_pb2
+        fs = filesystem_pb2
+        grpc = sandbox_pb2_grpc
+
+    yield Modules
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    binary = os.environ.get("SANDBOXD_BIN", str(REPO / "target" / "debug" / "sandboxd"))
+    state_dir = tempfile.mkdtemp(prefix="sandboxd-py-")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SANDBOXD_API_KEYS"}
+    proc = subprocess.Popen(
+        [binary, "serve", "--backend", "jail", "--listen", f"127.0.0.1:{port}", "--state-dir", state_dir,
+         "--metrics-listen", "off", "--pool-size", "1"],
+        env=env,
+    )
+    target = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield channel
+    finally:
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def stubs(pb, daemon):
+    class Stubs:
+        sandboxes = pb.grpc.SandboxesStub(daemon)
+        processes = pb.grpc.ProcessesStub(daemon)
+        files = pb.grpc.FilesStub(daemon)
+
+    return Stubs
+
+
+@pytest.fixture
+def sandbox_id(pb, stubs):
+    created = stubs.sandboxes.Create(pb.sandbox.CreateSandboxRequest())
+    yield created.id
+    try:
+        stubs.sandboxes.Delete(pb.sandbox.DeleteSandboxRequest(id=created.id))
+    except grpc.RpcError:
+        pass
+
+
+def wait_until(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
