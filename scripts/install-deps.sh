@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing sandboxd needs on Debian: the C
+# toolchain and libclang (userfaultfd bindings), busybox and python3 (guest
+# image and jail tests), procps and iproute2, and the Python test client's
+# packages in a virtualenv at target/pyenv. Installs Rust with rustup when
+# cargo is missing. Safe to run again: it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(build-essential pkg-config libclang-dev busybox-static python3 python3-venv procps iproute2 binutils curl ca-certificates)
+missing=()
+for package in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  [ -x "$HOME/.cargo/bin/cargo" ] || curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+if [ ! -x target/pyenv/bin/python ]; then
+  mkdir -p target
+  python3 -m venv target/pyenv
+fi
+target/pyenv/bin/python -m pip install -q --disable-pip-version-check grpcio grpcio-tools pytest

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: installs dependencies, builds every binary, then runs
+# the Rust test suites (unit, device, ring-3 KVM payload, jail end-to-end)
+# and the Python client suite against the real daemon. Needs root (jails
+# use namespaces and cgroups; the VMM needs /dev/kvm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast
+SANDBOXD_BIN="$PWD/target/debug/sandboxd" target/pyenv/bin/python -m pytest -q tests/python
