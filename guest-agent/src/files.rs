@@ -1,0 +1,238 @@
+//! File operations on the sandbox's file system. Transfers stream in
+//! chunks and never hold a whole file in memory; an upload is written to a
+//! temporary file beside its target and renamed into place only when the
+//! stream ends cleanly.
+
+use std::{
+    io::ErrorKind,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Component, Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::UNIX_EPOCH,
+};
+
+use bytes::Bytes;
+use sandbox_proto::api::{upload_request::Part, FileChunk, FileInfo, FileType, UploadRequest};
+use tokio::{
+    fs,
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+use tonic::{Status, Streaming};
+
+/// Size of a download chunk.
+const DOWNLOAD_CHUNK: usize = 512 * 1024;
+
+/// Checks that `path` is absolute, has no NUL and no `..`; returns it.
+pub fn checked_path(path: &str) -> Result<PathBuf, Status> {
+    let candidate = Path::new(path);
+    let absolute = candidate.is_absolute() && !path.contains('\0');
+    if !absolute || candidate.components().any(|c| c == Component::ParentDir) {
+        return Err(Status::invalid_argument(format!(
+            "path {path:?} must be absolute, without `..`, e.g. /home/user/file.txt"
+        )));
+    }
+    Ok(candidate.to_path_buf())
+}
+
+/// Maps an I/O error on `path` to a status that names the cause and fix.
+pub fn io_status(path: &Path, action: &str, error: std::io::Error) -> Status {
+    let path = path.display();
+    match error.kind() {
+        ErrorKind::NotFound => Status::not_found(format!("cannot {action} {path}: it does not exist")),
+        ErrorKind::AlreadyExists => Status::already_exists(format!("cannot {action} {path}: it already exists")),
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => Status::permission_denied(format!(
+            "cannot {action} {path}: read-only or not permitted; only /tmp and /home/user are writable"
+        )),
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            Status::resource_exhausted(format!("cannot {action} {path}: the disk is full; remove files first"))
+        }
+        ErrorKind::NotADirectory => {
+            Status::failed_precondition(format!("cannot {action} {path}: a parent is not a directory"))
+        }
+        ErrorKind::IsADirectory => Status::failed_precondition(format!("cannot {action} {path}: it is a directory")),
+        ErrorKind::DirectoryNotEmpty => Status::failed_precondition(format!(
+            "cannot {action} {path}: directory is not empty; set recursive=true"
+        )),
+        _ => Status::internal(format!("cannot {action} {path}: {error}")),
+    }
+}
+
+/// Describes the file at `path` without following a final symlink.
+pub async fn info(path: &Path) -> Result<FileInfo, Status> {
+    let metadata = fs::symlink_metadata(path).await.map_err(|e| io_status(path, "stat", e))?;
+    let kind = metadata.file_type();
+    let r#type = if kind.is_symlink() {
+        FileType::Symlink
+    } else if kind.is_dir() {
+        FileType::Directory
+    } else if kind.is_file() {
+        FileType::File
+    } else {
+        FileType::Other
+    };
+    let symlink_target = if kind.is_symlink() {
+        fs::read_link(path).await.map(|t| t.display().to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let modified = metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+    Ok(FileInfo {
+        path: path.display().to_string(),
+        name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "/".into()),
+        r#type: r#type as i32,
+        size: metadata.size(),
+        mode: metadata.mode() & 0o7777,
+        modified_unix_ms: modified.map_or(0, |d| d.as_millis() as i64),
+        symlink_target,
+    })
+}
+
+/// Lists `dir` down to `depth` levels (0 and 1: its own entries), sorted by path.
+pub async fn list(dir: &Path, depth: u32) -> Result<Vec<FileInfo>, Status> {
+    let top = info(dir).await?;
+    if top.r#type != FileType::Directory as i32 {
+        return Err(Status::failed_precondition(format!("cannot list {}: not a directory; use Stat", dir.display())));
+    }
+    let mut entries = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), 1u32)];
+    while let Some((current, level)) = pending.pop() {
+        let mut reader = fs::read_dir(&current).await.map_err(|e| io_status(&current, "list", e))?;
+        while let Some(entry) = reader.next_entry().await.map_err(|e| io_status(&current, "list", e))? {
+            let entry_info = info(&entry.path()).await?;
+            if entry_info.r#type == FileType::Directory as i32 && level < depth.max(1) {
+                pending.push((entry.path(), level + 1));
+            }
+            entries.push(entry_info);
+        }
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
+
+pub async fn remove(path: &Path, recursive: bool) -> Result<(), Status> {
+    let metadata = fs::symlink_metadata(path).await.map_err(|e| io_status(path, "remove", e))?;
+    let result = if !metadata.is_dir() {
+        fs::remove_file(path).await
+    } else if recursive {
+        fs::remove_dir_all(path).await
+    } else {
+        fs::remove_dir(path).await
+    };
+    result.map_err(|e| io_status(path, "remove", e))
+}
+
+pub async fn make_dir(path: &Path, parents: bool, mode: u32) -> Result<FileInfo, Status> {
+    let mode = if mode == 0 { 0o755 } else { mode & 0o7777 };
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(parents).mode(mode);
+    builder.create(path).await.map_err(|e| io_status(path, "create directory", e))?;
+    info(path).await
+}
+
+/// Streams the file at `path` in chunks through a small channel, so only a
+/// few chunks are ever in memory.
+pub async fn download(path: &Path) -> Result<mpsc::Receiver<Result<FileChunk, Status>>, Status> {
+    let mut file = fs::File::open(path).await.map_err(|e| io_status(path, "download", e))?;
+    let metadata = file.metadata().await.map_err(|e| io_status(path, "download", e))?;
+    if metadata.is_dir() {
+        return Err(Status::failed_precondition(format!(
+            "cannot download {}: it is a directory; use List, then download files one by one",
+            path.display()
+        )));
+    }
+    let (tx, rx) = mpsc::channel(4);
+    let path = path.to_path_buf();
+    tokio::spawn(async move {
+        loop {
+            let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+            match file.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(FileChunk { data: Bytes::from(buf) })).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let _ = tx.send(Err(io_status(&path, "read", error))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Receives an upload stream: one header, then data chunks.
+pub async fn upload(mut stream: Streaming<UploadRequest>) -> Result<FileInfo, Status> {
+    let header = match stream.message().await?.and_then(|m| m.part) {
+        Some(Part::Header(header)) => header,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first Upload message must be `header`; send data chunks after it",
+            ))
+        }
+    };
+    let target = checked_path(&header.path)?;
+    let parent = target.parent().ok_or_else(|| Status::invalid_argument("cannot upload to /: name a file"))?;
+    fs::create_dir_all(parent).await.map_err(|e| io_status(parent, "create directory", e))?;
+    let staging = Staging::create(&target).await?;
+    let mut file = staging.file().await?;
+    while let Some(message) = stream.message().await? {
+        match message.part {
+            Some(Part::Data(data)) => file.write_all(&data).await.map_err(|e| io_status(&target, "write", e))?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an Upload stream takes exactly one `header`, first; send the rest as `data` chunks",
+                ))
+            }
+        }
+    }
+    let mode = if header.mode == 0 { 0o644 } else { header.mode & 0o7777 };
+    file.set_permissions(std::fs::Permissions::from_mode(mode)).await.map_err(|e| io_status(&target, "chmod", e))?;
+    file.sync_all().await.map_err(|e| io_status(&target, "sync", e))?;
+    drop(file);
+    staging.commit().await?;
+    info(&target).await
+}
+
+/// A temporary file beside the target; removed unless committed.
+struct Staging {
+    temporary: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    async fn create(target: &Path) -> Result<Self, Status> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let serial = NEXT.fetch_add(1, Ordering::Relaxed);
+        let temporary = target.with_file_name(format!(".{name}.upload-{}-{serial}", std::process::id()));
+        Ok(Self { temporary, target: target.to_path_buf(), committed: false })
+    }
+
+    async fn file(&self) -> Result<fs::File, Status> {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.temporary)
+            .await
+            .map_err(|e| io_status(&self.target, "upload", e))
+    }
+
+    async fn commit(mut self) -> Result<(), Status> {
+        fs::rename(&self.temporary, &self.target).await.map_err(|e| io_status(&self.target, "replace", e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
+}

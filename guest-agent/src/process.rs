@@ -1,0 +1,269 @@
+//! Starts processes for Exec, Connect and RunCode and streams their output
+//! and exit as `ExecEvent`s. Every process leads its own session and
+//! process group, so timeouts, signals and disconnects reach all of it.
+
+use std::{
+    collections::HashMap,
+    os::{fd::OwnedFd, unix::process::CommandExt},
+    path::Path,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use sandbox_proto::api::{exec_event::Event, exit_status::Outcome, ExecEvent, ExecRequest, ExitStatus, ProcessStarted};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::unix::pipe,
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+use tonic::Status;
+
+use crate::{
+    pty::{self, PtyMaster},
+    reaper::{Ended, Reaper},
+};
+
+/// Largest stdout/stderr event.
+const CHUNK: usize = 64 * 1024;
+/// How long output is still drained after the process exits, for
+/// descendants that keep its pipes open.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const HOME: &str = "/home/user";
+
+pub type EventSender = mpsc::Sender<Result<ExecEvent, Status>>;
+
+/// A validated request to start a process.
+pub struct ProcessSpec {
+    pub argv: Vec<String>,
+    pub env: HashMap<String, String>,
+    pub cwd: String,
+    pub timeout: Option<Duration>,
+}
+
+impl ProcessSpec {
+    pub fn from_request(request: ExecRequest) -> Result<Self, Status> {
+        if request.argv.is_empty() || request.argv[0].is_empty() {
+            return Err(Status::invalid_argument(
+                "argv is empty: pass the program and its arguments, e.g. [\"sh\", \"-c\", \"echo hi\"]",
+            ));
+        }
+        let cwd = if request.cwd.is_empty() {
+            if Path::new(HOME).is_dir() { HOME.to_string() } else { "/".to_string() }
+        } else if Path::new(&request.cwd).is_dir() {
+            request.cwd
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "cwd '{}' is not a directory in the sandbox: create it with Files.MakeDir or pass an existing one",
+                request.cwd
+            )));
+        };
+        let timeout = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
+        Ok(Self { argv: request.argv, env: request.env, cwd, timeout })
+    }
+
+    fn command(&self, terminal: bool) -> Command {
+        let mut command = Command::new(&self.argv[0]);
+        command.args(&self.argv[1..]).env_clear().current_dir(&self.cwd);
+        command.env("PATH", DEFAULT_PATH).env("HOME", HOME).env("LANG", "C.UTF-8").env("USER", "root");
+        if terminal {
+            command.env("TERM", "xterm-256color");
+        }
+        command.envs(&self.env);
+        command
+    }
+}
+
+/// Where a process's stdin goes.
+pub enum Input {
+    Pipe(pipe::Sender),
+    Pty(Arc<PtyMaster>),
+}
+
+impl Input {
+    pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Input::Pipe(sender) => sender.write_all(data).await,
+            Input::Pty(master) => master.write_all(data).await,
+        }
+    }
+}
+
+enum Output {
+    Pipe(pipe::Receiver),
+    Pty(Arc<PtyMaster>),
+}
+
+impl Output {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Pipe(receiver) => receiver.read(buf).await,
+            Output::Pty(master) => master.read(buf).await,
+        }
+    }
+}
+
+/// A started process, apart from its input.
+pub struct Running {
+    pub pid: i32,
+    pub pty: Option<Arc<PtyMaster>>,
+    outputs: Vec<(bool, Output)>,
+    ended: oneshot::Receiver<Ended>,
+}
+
+/// Options beyond the spec: a terminal size, and one more fd for the child.
+#[derive(Default)]
+pub struct SpawnOptions {
+    pub pty: Option<(u16, u16)>,
+    /// Becomes fd 3 in the child.
+    pub fd3: Option<OwnedFd>,
+}
+
+/// Starts `spec` in a new session; returns its stdin and the rest.
+pub fn spawn(reaper: &Reaper, spec: &ProcessSpec, options: SpawnOptions) -> Result<(Input, Running), Status> {
+    let terminal = options.pty.is_some();
+    let mut command = spec.command(terminal);
+    let master = match options.pty {
+        Some((rows, cols)) => {
+            let (master, slave) = pty::open(rows, cols).map_err(|e| Status::internal(e.to_string()))?;
+            let clone = |fd: &OwnedFd| fd.try_clone().map_err(|e| Status::internal(format!("cannot share the terminal: {e}")));
+            command.stdin(clone(&slave)?).stdout(clone(&slave)?).stderr(slave);
+            Some(Arc::new(master))
+        }
+        None => {
+            command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            None
+        }
+    };
+    let fd3 = options.fd3.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe calls (setsid, ioctl, dup2, fcntl).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = fd3 {
+                let moved = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+                if moved < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let (mut child, ended) = reaper.spawn(&mut command).map_err(|error| spawn_error(&spec.argv[0], error))?;
+    drop(command);
+    let pid = child.id() as i32;
+    let (input, outputs) = match &master {
+        Some(master) => (Input::Pty(Arc::clone(master)), vec![(true, Output::Pty(Arc::clone(master)))]),
+        None => {
+            let pipe_in = |fd: OwnedFd| pipe::Sender::from_owned_fd(fd);
+            let pipe_out = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd);
+            let io = |e: std::io::Error| Status::internal(format!("cannot attach to the process's pipes: {e}"));
+            let stdin = child.stdin.take().map(OwnedFd::from).ok_or_else(|| Status::internal("no stdin pipe"))?;
+            let stdout = child.stdout.take().map(OwnedFd::from).ok_or_else(|| Status::internal("no stdout pipe"))?;
+            let stderr = child.stderr.take().map(OwnedFd::from).ok_or_else(|| Status::internal("no stderr pipe"))?;
+            (
+                Input::Pipe(pipe_in(stdin).map_err(io)?),
+                vec![(true, Output::Pipe(pipe_out(stdout).map_err(io)?)), (false, Output::Pipe(pipe_out(stderr).map_err(io)?))],
+            )
+        }
+    };
+    Ok((input, Running { pid, pty: master, outputs, ended }))
+}
+
+fn spawn_error(program: &str, error: std::io::Error) -> Status {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => Status::not_found(format!(
+            "program '{program}' was not found in the sandbox: check PATH or pass an absolute path"
+        )),
+        std::io::ErrorKind::PermissionDenied => Status::permission_denied(format!(
+            "program '{program}' is not executable: check its mode (chmod +x)"
+        )),
+        _ => Status::internal(format!("cannot start '{program}': {error}")),
+    }
+}
+
+/// Sends `signal` to the process group led by `pid`.
+pub fn signal_group(pid: i32, signal: i32) {
+    // SAFETY: kill(2) with plain integers; a stale group gives ESRCH, which is harmless.
+    unsafe { libc::kill(-pid, signal) };
+}
+
+/// Streams `started`, the output and the final `exit` of `running` into
+/// `events`. Kills the process group on timeout, or when the receiver of
+/// `events` goes away (the client disconnected).
+pub async fn supervise(running: Running, timeout: Option<Duration>, events: EventSender) {
+    let Running { pid, outputs, ended, .. } = running;
+    let started = ExecEvent { event: Some(Event::Started(ProcessStarted { pid: pid as u32 })) };
+    if events.send(Ok(started)).await.is_err() {
+        signal_group(pid, libc::SIGKILL);
+    }
+    let mut readers = JoinSet::new();
+    for (is_stdout, output) in outputs {
+        readers.spawn(pump(output, is_stdout, events.clone()));
+    }
+    let (ended, timed_out) = wait_for_exit(pid, ended, timeout, &events).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, async { while readers.join_next().await.is_some() {} }).await;
+    readers.abort_all();
+    let outcome = match ended {
+        Ended::Code(code) => Outcome::Code(code),
+        Ended::Signal(signal) => Outcome::Signal(signal),
+    };
+    let exit = ExecEvent { event: Some(Event::Exit(ExitStatus { outcome: Some(outcome), timed_out })) };
+    let _ = events.send(Ok(exit)).await;
+}
+
+async fn wait_for_exit(
+    pid: i32,
+    mut ended: oneshot::Receiver<Ended>,
+    timeout: Option<Duration>,
+    events: &EventSender,
+) -> (Ended, bool) {
+    let deadline = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let timed_out = tokio::select! {
+        status = &mut ended => return (status.unwrap_or(Ended::Signal(libc::SIGKILL)), false),
+        () = deadline => true,
+        () = events.closed() => false,
+    };
+    signal_group(pid, libc::SIGKILL);
+    (ended.await.unwrap_or(Ended::Signal(libc::SIGKILL)), timed_out)
+}
+
+async fn pump(mut output: Output, is_stdout: bool, events: EventSender) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match output.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                let event = if is_stdout { Event::Stdout(data) } else { Event::Stderr(data) };
+                if events.send(Ok(ExecEvent { event: Some(event) })).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `data` to the process's stdin, then closes it.
+pub fn feed_stdin(mut input: Input, data: Bytes) {
+    tokio::spawn(async move {
+        if !data.is_empty() {
+            let _ = input.write(&data).await;
+        }
+        drop(input);
+    });
+}
