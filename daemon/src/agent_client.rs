@@ -1,32 +1,88 @@
-//! Connects to a guest agent's gRPC server over a unix socket and waits
-//! until it answers `Hello`.
+//! Connects to a guest agent's gRPC server, over a unix socket (jail) or
+//! over the VMM's vsock unix socket with a `CONNECT <port>` handshake
+//! (microVM), and waits until it answers `Hello`.
 
 use std::{path::PathBuf, time::Duration};
 
 use hyper_util::rt::TokioIo;
 use sandbox_proto::agent::{agent_client::AgentClient, HelloRequest};
-use tokio::net::UnixStream;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
 use tonic::transport::{Channel, Endpoint};
 use tower::service_fn;
 
 /// Largest message exchanged with an agent; the public API enforces smaller ones.
 pub const MAX_AGENT_MESSAGE: usize = 32 * 1024 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentClientError {
-    #[error("agent at {path} did not answer Hello within {waited:?}: {last_error}")]
-    NoHello { path: PathBuf, waited: Duration, last_error: String },
+/// Where an agent listens.
+#[derive(Clone, Debug)]
+pub enum AgentAddress {
+    /// A unix socket served by the agent itself.
+    Unix(PathBuf),
+    /// A guest vsock port, reached through the VMM's host-side unix socket.
+    Vsock { uds: PathBuf, port: u32 },
 }
 
-/// A lazily connecting channel to the agent listening at `socket`.
-pub fn unix_channel(socket: PathBuf) -> Channel {
+impl std::fmt::Display for AgentAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentAddress::Unix(path) => write!(f, "{}", path.display()),
+            AgentAddress::Vsock { uds, port } => write!(f, "vsock port {port} via {}", uds.display()),
+        }
+    }
+}
+
+impl AgentAddress {
+    /// Opens one byte stream to the agent.
+    async fn dial(&self) -> std::io::Result<UnixStream> {
+        match self {
+            AgentAddress::Unix(path) => UnixStream::connect(path).await,
+            AgentAddress::Vsock { uds, port } => {
+                let mut stream = UnixStream::connect(uds).await?;
+                stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+                let reply = read_line_unbuffered(&mut stream).await?;
+                if !reply.starts_with("OK ") {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        format!("the VMM refused CONNECT {port}: {:?}", reply.trim()),
+                    ));
+                }
+                Ok(stream)
+            }
+        }
+    }
+}
+
+/// Reads the handshake reply byte by byte, so that none of the agent's
+/// first HTTP/2 bytes, which may follow at once, are consumed.
+async fn read_line_unbuffered(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::with_capacity(32);
+    while line.len() < 128 {
+        match stream.read_u8().await? {
+            b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            byte => line.push(byte),
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the VMM's handshake reply is too long"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    #[error("the agent at {address} did not answer Hello within {waited:?}: {last_error}")]
+    NoHello { address: AgentAddress, waited: Duration, last_error: String },
+}
+
+/// A lazily connecting channel to the agent at `address`.
+pub fn channel(address: AgentAddress) -> Channel {
     // The URI is required by the endpoint but never resolved: the connector
     // below always dials the unix socket.
     Endpoint::from_static("http://agent.local")
         .connect_timeout(Duration::from_secs(2))
         .connect_with_connector_lazy(service_fn(move |_| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+            let address = address.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(address.dial().await?)) }
         }))
 }
 
@@ -39,19 +95,19 @@ pub fn client(channel: Channel) -> AgentClient<Channel> {
 
 /// Retries `Hello` until the agent answers or `timeout` passes.
 pub async fn wait_for_hello(
-    socket: PathBuf,
+    address: AgentAddress,
     timeout: Duration,
 ) -> Result<AgentClient<Channel>, AgentClientError> {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
-        let mut agent = client(unix_channel(socket.clone()));
+        let mut agent = client(channel(address.clone()));
         let last_error = match agent.hello(HelloRequest {}).await {
             Ok(_) => return Ok(agent),
             Err(status) => status.message().to_string(),
         };
         if started.elapsed() >= timeout {
-            return Err(AgentClientError::NoHello { path: socket, waited: timeout, last_error });
+            return Err(AgentClientError::NoHello { address, waited: timeout, last_error });
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));

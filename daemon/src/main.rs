@@ -8,6 +8,11 @@ use sandboxd::{
 };
 
 fn main() -> std::process::ExitCode {
+    // The jail launcher must stay single-threaded: dispatch it before
+    // logging or the async runtime start any thread.
+    if std::env::args().nth(1).as_deref() == Some("jail-exec") {
+        sandboxd::backend::jail::launcher::exec_main();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

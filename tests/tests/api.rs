@@ -100,8 +100,9 @@ async fn pty_session_runs_tty_and_follows_resizes() {
         .unwrap()
         .into_inner();
     let send = |bytes: &str| ConnectRequest { input: Some(Input::Stdin(bytes.as_bytes().to_vec().into())) };
-    input.send(send("tty; echo TTY-DONE\n")).await.unwrap();
-    let screen = read_until(&mut events, "TTY-DONE\r\n").await;
+    // The terminal echoes what is typed, so the marker is computed by the shell.
+    input.send(send("tty; echo TTY-$((40 + 2))\n")).await.unwrap();
+    let screen = read_until(&mut events, "TTY-42").await;
     assert!(screen.contains("/dev/pts/"), "tty names a pseudo-terminal: {screen:?}");
     input.send(ConnectRequest { input: Some(Input::Resize(PtySize { rows: 40, cols: 120 })) }).await.unwrap();
     input.send(send("stty size; exit 7\n")).await.unwrap();

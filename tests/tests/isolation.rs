@@ -61,18 +61,23 @@ async fn fork_bomb_hits_the_pids_limit() {
             ..Default::default()
         })
         .await;
-    // However the bomb ends, it stays inside its pids cgroup.
+    // However the bomb's own shell ends, the bomb stays inside its pids cgroup.
     drop(bomb);
-    let limit = daemon_cgroup_pids_max(&daemon, &id);
-    assert_eq!(limit.as_deref(), Some("64"));
+    assert_eq!(pids_file(&id, "pids.max").as_deref(), Some("64"));
+    let current: u32 = pids_file(&id, "pids.current").and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(current <= 64, "{current} processes exceed the limit");
+    let events = pids_file(&id, "pids.events").unwrap_or_default();
+    let refused: u64 = events.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(refused > 0, "the kernel refused forks at the limit: {events:?}");
     api.sandboxes.delete(sandbox_proto::api::DeleteSandboxRequest { id }).await.unwrap();
     assert_neighbour_untouched(&mut api, &bystander).await;
 }
 
-fn daemon_cgroup_pids_max(_daemon: &Daemon, id: &str) -> Option<String> {
+/// A file of the sandbox's pids cgroup (v1 or v2 layout).
+fn pids_file(id: &str, name: &str) -> Option<String> {
     ["/sys/fs/cgroup/pids/sandboxd", "/sys/fs/cgroup/sandboxd"]
         .iter()
-        .map(|root| std::path::Path::new(root).join(id).join("pids.max"))
+        .map(|root| std::path::Path::new(root).join(id).join(name))
         .find_map(|path| std::fs::read_to_string(path).ok())
         .map(|text| text.trim().to_string())
 }

@@ -84,7 +84,8 @@ pub fn agent_status(sandbox: &str, status: Status) -> Status {
     match status.code() {
         Code::Unavailable | Code::Unknown if status.message().contains("transport") || status.message().contains("connect") => {
             Status::unavailable(format!(
-                "the agent of sandbox '{sandbox}' is not answering (it may have been killed, e.g. by its memory limit): delete the sandbox and create a new one"
+                "the agent of sandbox '{sandbox}' is not answering ({}); it may have been killed, e.g. by its memory limit: delete the sandbox and create a new one",
+                status.message()
             ))
         }
         _ => status,

@@ -4,7 +4,6 @@
 //! KVM microVM per sandbox.
 
 pub mod jail;
-pub mod jail_backend;
 
 use std::{
     path::{Path, PathBuf},
@@ -126,7 +125,7 @@ pub fn select(choice: BackendChoice, state_dir: &Path, agent_binary: &Path) -> R
 }
 
 fn jail_backend(state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend>, SelectError> {
-    let backend = jail_backend::JailBackend::new(state_dir.join("jails"), agent_binary.to_path_buf())
+    let backend = jail::JailBackend::new(state_dir.join("jails"), agent_binary.to_path_buf())
         .map_err(|error| SelectError::JailUnavailable(error.to_string()))?;
     Ok(Arc::new(backend))
 }

@@ -6,11 +6,9 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use sandbox_proto::agent::agent_client::AgentClient;
 use tonic::transport::Channel;
 
-use super::{
-    jail::{host_support, Jail, JailError, JailLimits, JailSpec},
-    Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits,
-};
-use crate::agent_client;
+use super::{host_support, Jail, JailError, JailLimits, JailSpec};
+use crate::backend::{Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits};
+use crate::agent_client::{self, AgentAddress};
 
 /// How long a new jail's agent has to answer `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -18,6 +16,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct JailBackend {
     state_root: PathBuf,
     agent_binary: PathBuf,
+    launcher: PathBuf,
 }
 
 impl JailBackend {
@@ -30,8 +29,10 @@ impl JailBackend {
                 agent_binary.display()
             )));
         }
+        let launcher = std::env::current_exe()
+            .map_err(|e| JailError::Setup(format!("cannot find the sandboxd binary to launch jails: {e}")))?;
         tracing::info!(cgroups = ?flavor, "jail backend: namespaces, pivot_root, cgroups and seccomp per sandbox");
-        Ok(Self { state_root, agent_binary })
+        Ok(Self { state_root, agent_binary, launcher })
     }
 }
 
@@ -57,19 +58,22 @@ impl Backend for JailBackend {
         let jail_spec = JailSpec {
             state_dir: self.state_root.join(&spec.id),
             id: spec.id,
+            launcher: self.launcher.clone(),
             agent_binary: self.agent_binary.clone(),
             rootfs: spec.rootfs,
             limits: jail_limits(spec.limits),
+            command: None,
         };
         let jail = blocking(move || Jail::spawn(jail_spec))
             .await
             .map_err(|error| BackendError::Launch(error.to_string()))?;
         let jail = Arc::new(jail);
-        match agent_client::wait_for_hello(jail.agent_socket(), HELLO_TIMEOUT).await {
+        match agent_client::wait_for_hello(AgentAddress::Unix(jail.agent_socket()), HELLO_TIMEOUT).await {
             Ok(agent) => Ok(Box::new(JailInstance { jail, agent })),
             Err(error) => {
+                let log = jail.log();
                 let _ = destroy(jail).await;
-                Err(BackendError::AgentTimeout(HELLO_TIMEOUT, error.to_string()))
+                Err(BackendError::AgentTimeout(HELLO_TIMEOUT, format!("{error}; jail log: {}", log.trim())))
             }
         }
     }
