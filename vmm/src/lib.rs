@@ -1,1 +1,12 @@
-//! The sandboxd virtual machine monitor: one KVM microVM per process.
+//! The sandboxd virtual machine monitor: one KVM microVM per process, built
+//! on the rust-vmm crates (kvm-ioctls, vm-memory, linux-loader,
+//! vm-superio).
+
+pub mod boot;
+pub mod builder;
+pub mod devices;
+pub mod probe;
+pub mod vstate;
+
+pub use builder::{MicroVm, MicroVmConfig, MicroVmError};
+pub use vstate::vcpu::VmExit;

@@ -1,0 +1,204 @@
+//! Builds and runs a microVM: memory, the KVM VM, the kernel and boot data,
+//! the serial console and i8042, extra bus devices, and one thread per vCPU.
+
+use std::{
+    fs::File,
+    io::Write,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    boot::{self, BootError, LoadedKernel},
+    devices::{
+        bus::{Bus, BusDevice, BusError},
+        i8042::{I8042, I8042_LEN, I8042_PORT},
+        serial::{SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT},
+    },
+    vstate::{
+        memory::{create_guest_memory, GuestMemory, MemoryError},
+        vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit},
+        vm::{Vm, VmError},
+    },
+};
+
+/// How long a pause may take before the VM is reported stuck.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MicroVmError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create a vCPU: {0}")]
+    CreateVcpu(kvm_ioctls::Error),
+    #[error("cannot create an interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("a microVM needs 1 to 32 vCPUs and at least 16 MiB of memory")]
+    Shape,
+}
+
+/// What to boot.
+pub struct MicroVmConfig {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+/// A microVM whose devices can still be added before it starts.
+pub struct MicroVmBuilder {
+    vm: Vm,
+    memory_file: File,
+    kernel: LoadedKernel,
+    vcpus: u8,
+    all_at_entry: bool,
+    pio: Bus,
+    mmio: Bus,
+    exit: Arc<ExitSignal>,
+}
+
+impl MicroVmBuilder {
+    /// Creates memory and the VM, loads the kernel and writes the boot data.
+    pub fn new(config: MicroVmConfig) -> Result<Self, MicroVmError> {
+        if config.vcpus == 0 || config.vcpus > 32 || config.memory_mib < 16 {
+            return Err(MicroVmError::Shape);
+        }
+        let (memory, memory_file) = create_guest_memory(u64::from(config.memory_mib) << 20)?;
+        let kernel = boot::load_kernel(&memory, &config.kernel)?;
+        boot::write_boot_data(&memory, &kernel, &config.cmdline)?;
+        let vm = Vm::new(memory)?;
+        let exit = Arc::new(ExitSignal::default());
+        let mut builder =
+            Self {
+            vm,
+            memory_file,
+            kernel,
+            vcpus: config.vcpus,
+            all_at_entry: false,
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            exit,
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MicroVmError::EventFd)?;
+        builder.vm.register_irqfd(&serial_irq, COM1_GSI)?;
+        builder.add_pio_device(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(SerialConsole::new(serial_irq, config.console))))?;
+        let i8042 = I8042::new(Arc::clone(&builder.exit));
+        builder.add_pio_device(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
+        Ok(builder)
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        self.vm.memory()
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    pub fn add_pio_device(&mut self, port: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), MicroVmError> {
+        Ok(self.pio.insert(port, len, device)?)
+    }
+
+    pub fn add_mmio_device(&mut self, address: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), MicroVmError> {
+        Ok(self.mmio.insert(address, len, device)?)
+    }
+
+    /// Starts every vCPU at the kernel entry instead of holding the
+    /// application processors until the boot processor sends them SIPIs
+    /// (as a Linux guest does). For payloads that run on all vCPUs at once.
+    pub fn start_all_vcpus_at_entry(&mut self) {
+        self.all_at_entry = true;
+    }
+
+    /// Creates and configures the vCPUs and starts their threads.
+    pub fn start(self) -> Result<MicroVm, MicroVmError> {
+        let (pio, mmio) = (Arc::new(self.pio), Arc::new(self.mmio));
+        let mut handles = Vec::with_capacity(usize::from(self.vcpus));
+        for id in 0..self.vcpus {
+            let fd = self.vm.fd().create_vcpu(u64::from(id)).map_err(MicroVmError::CreateVcpu)?;
+            boot::configure_vcpu(self.vm.kvm(), &fd, id, self.vcpus, self.kernel.entry)?;
+            if self.all_at_entry {
+                let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+                fd.set_mp_state(runnable).map_err(MicroVmError::CreateVcpu)?;
+            }
+            let vcpu = Vcpu { id, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), exit: Arc::clone(&self.exit) };
+            handles.push(vcpu.start()?);
+        }
+        Ok(MicroVm { vm: self.vm, memory_file: self.memory_file, vcpus: handles, exit: self.exit })
+    }
+}
+
+/// A running microVM.
+pub struct MicroVm {
+    vm: Vm,
+    memory_file: File,
+    vcpus: Vec<VcpuHandle>,
+    exit: Arc<ExitSignal>,
+}
+
+impl MicroVm {
+    pub fn memory(&self) -> &GuestMemory {
+        self.vm.memory()
+    }
+
+    /// The memfd holding guest memory.
+    pub fn memory_file(&self) -> &File {
+        &self.memory_file
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    /// Parks every vCPU outside KVM_RUN.
+    pub fn pause(&self) -> Result<(), MicroVmError> {
+        for vcpu in &self.vcpus {
+            vcpu.pause(PAUSE_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+    }
+
+    /// Waits up to `timeout` for the guest to exit on its own; stops every
+    /// vCPU once it has.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<VmExit> {
+        let exit = self.exit.wait(timeout)?;
+        self.stop_vcpus();
+        Some(exit)
+    }
+
+    /// Stops the VM from the host and returns how it ended.
+    pub fn stop(&mut self) -> VmExit {
+        self.exit.report(VmExit::Stopped);
+        self.stop_vcpus();
+        self.exit.current().unwrap_or(VmExit::Stopped)
+    }
+
+    fn stop_vcpus(&mut self) {
+        for vcpu in &mut self.vcpus {
+            vcpu.stop();
+        }
+    }
+}
