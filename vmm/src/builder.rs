@@ -2,7 +2,6 @@
 //! the serial console and i8042, extra bus devices, and one thread per vCPU.
 
 use std::{
-    fs::File,
     io::Write,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -13,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     boot::{self, BootError, LoadedKernel},
+    snapshot::{MicroVmState, RestoredMemory, StateError},
     devices::{
         bus::{Bus, BusDevice, BusError},
         i8042::{I8042, I8042_LEN, I8042_PORT},
@@ -46,6 +46,8 @@ pub enum MicroVmError {
     EventFd(std::io::Error),
     #[error("a microVM needs 1 to 32 vCPUs and at least 16 MiB of memory")]
     Shape,
+    #[error("cannot restore the snapshot state: {0}")]
+    Restore(#[from] StateError),
 }
 
 /// What to boot.
@@ -58,13 +60,20 @@ pub struct MicroVmConfig {
     pub console: Box<dyn Write + Send>,
 }
 
+/// How the vCPUs get their first state.
+enum VcpuInit {
+    /// Boot the kernel; optionally every vCPU at its entry point.
+    Boot { kernel: LoadedKernel, count: u8, all_at_entry: bool },
+    /// Continue from a snapshot, paused until `resume`.
+    Restore(Arc<MicroVmState>),
+}
+
 /// A microVM whose devices can still be added before it starts.
 pub struct MicroVmBuilder {
     vm: Vm,
-    memory_file: File,
-    kernel: LoadedKernel,
-    vcpus: u8,
-    all_at_entry: bool,
+    /// Memory restored from a snapshot (its uffd handler runs until drop).
+    restored: Option<RestoredMemory>,
+    init: VcpuInit,
     pio: Bus,
     mmio: Bus,
     exit: Arc<ExitSignal>,
@@ -76,25 +85,29 @@ impl MicroVmBuilder {
         if config.vcpus == 0 || config.vcpus > 32 || config.memory_mib < 16 {
             return Err(MicroVmError::Shape);
         }
-        let (memory, memory_file) = create_guest_memory(u64::from(config.memory_mib) << 20)?;
+        // The mapping keeps the memfd's pages alive; the fd itself is not needed.
+        let (memory, _memfd) = create_guest_memory(u64::from(config.memory_mib) << 20)?;
         let kernel = boot::load_kernel(&memory, &config.kernel)?;
         boot::write_boot_data(&memory, &kernel, &config.cmdline)?;
-        let vm = Vm::new(memory)?;
+        let init = VcpuInit::Boot { kernel, count: config.vcpus, all_at_entry: false };
+        Self::with_devices(Vm::new(memory)?, None, init, config.console)
+    }
+
+    /// Rebuilds a microVM from snapshot state and restored memory; its
+    /// vCPUs start paused.
+    pub fn restore(state: Arc<MicroVmState>, memory: RestoredMemory, console: Box<dyn Write + Send>) -> Result<Self, MicroVmError> {
+        let vm = Vm::new(memory.memory().clone())?;
+        state.vm.restore(vm.fd())?;
+        Self::with_devices(vm, Some(memory), VcpuInit::Restore(state), console)
+    }
+
+    /// Adds the serial console and the i8042.
+    fn with_devices(vm: Vm, restored: Option<RestoredMemory>, init: VcpuInit, console: Box<dyn Write + Send>) -> Result<Self, MicroVmError> {
         let exit = Arc::new(ExitSignal::default());
-        let mut builder =
-            Self {
-            vm,
-            memory_file,
-            kernel,
-            vcpus: config.vcpus,
-            all_at_entry: false,
-            pio: Bus::default(),
-            mmio: Bus::default(),
-            exit,
-        };
+        let mut builder = Self { vm, restored, init, pio: Bus::default(), mmio: Bus::default(), exit };
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MicroVmError::EventFd)?;
         builder.vm.register_irqfd(&serial_irq, COM1_GSI)?;
-        builder.add_pio_device(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(SerialConsole::new(serial_irq, config.console))))?;
+        builder.add_pio_device(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(SerialConsole::new(serial_irq, console))))?;
         let i8042 = I8042::new(Arc::clone(&builder.exit));
         builder.add_pio_device(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
         Ok(builder)
@@ -120,31 +133,47 @@ impl MicroVmBuilder {
     /// application processors until the boot processor sends them SIPIs
     /// (as a Linux guest does). For payloads that run on all vCPUs at once.
     pub fn start_all_vcpus_at_entry(&mut self) {
-        self.all_at_entry = true;
+        if let VcpuInit::Boot { all_at_entry, .. } = &mut self.init {
+            *all_at_entry = true;
+        }
     }
 
-    /// Creates and configures the vCPUs and starts their threads.
+    /// Creates and configures the vCPUs and starts their threads (paused,
+    /// for a restored VM).
     pub fn start(self) -> Result<MicroVm, MicroVmError> {
         let (pio, mmio) = (Arc::new(self.pio), Arc::new(self.mmio));
-        let mut handles = Vec::with_capacity(usize::from(self.vcpus));
-        for id in 0..self.vcpus {
+        let count = match &self.init {
+            VcpuInit::Boot { count, .. } => *count,
+            VcpuInit::Restore(state) => state.vcpus.len() as u8,
+        };
+        let mut handles = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
             let fd = self.vm.fd().create_vcpu(u64::from(id)).map_err(MicroVmError::CreateVcpu)?;
-            boot::configure_vcpu(self.vm.kvm(), &fd, id, self.vcpus, self.kernel.entry)?;
-            if self.all_at_entry {
-                let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
-                fd.set_mp_state(runnable).map_err(MicroVmError::CreateVcpu)?;
-            }
+            let paused = match &self.init {
+                VcpuInit::Boot { kernel, all_at_entry, .. } => {
+                    boot::configure_vcpu(self.vm.kvm(), &fd, id, count, kernel.entry)?;
+                    if *all_at_entry {
+                        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+                        fd.set_mp_state(runnable).map_err(MicroVmError::CreateVcpu)?;
+                    }
+                    false
+                }
+                VcpuInit::Restore(state) => {
+                    state.vcpus[usize::from(id)].restore(&fd)?;
+                    true
+                }
+            };
             let vcpu = Vcpu { id, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), exit: Arc::clone(&self.exit) };
-            handles.push(vcpu.start()?);
+            handles.push(vcpu.start(paused)?);
         }
-        Ok(MicroVm { vm: self.vm, memory_file: self.memory_file, vcpus: handles, exit: self.exit })
+        Ok(MicroVm { vm: self.vm, restored: self.restored, vcpus: handles, exit: self.exit })
     }
 }
 
 /// A running microVM.
 pub struct MicroVm {
     vm: Vm,
-    memory_file: File,
+    restored: Option<RestoredMemory>,
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
 }
@@ -154,13 +183,16 @@ impl MicroVm {
         self.vm.memory()
     }
 
-    /// The memfd holding guest memory.
-    pub fn memory_file(&self) -> &File {
-        &self.memory_file
-    }
-
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// The userfaultfd handler serving this VM's memory, if it has one.
+    pub fn uffd(&self) -> Option<&crate::uffd::UffdMemory> {
+        match &self.restored {
+            Some(RestoredMemory::Uffd(uffd)) => Some(uffd),
+            _ => None,
+        }
     }
 
     pub fn vcpus(&self) -> &[VcpuHandle] {

@@ -6,6 +6,8 @@ pub mod boot;
 pub mod builder;
 pub mod devices;
 pub mod probe;
+pub mod snapshot;
+pub mod uffd;
 pub mod vstate;
 
 pub use builder::{MicroVm, MicroVmConfig, MicroVmError};

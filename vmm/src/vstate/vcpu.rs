@@ -83,6 +83,9 @@ enum RunState {
     Exited,
 }
 
+/// Work run on a parked vCPU thread with its fd (state capture, restore).
+type VcpuTask = Box<dyn FnOnce(&VcpuFd) + Send>;
+
 /// What the host asks of a vCPU thread.
 #[derive(Default)]
 struct Control {
@@ -90,6 +93,7 @@ struct Control {
     stop: AtomicBool,
     state: Mutex<Option<RunState>>,
     changed: Condvar,
+    task: Mutex<Option<VcpuTask>>,
 }
 
 impl Control {
@@ -109,6 +113,10 @@ pub enum VcpuError {
     Spawn(std::io::Error),
     #[error("vCPU {0} did not pause within {1:?}")]
     PauseTimeout(u8, Duration),
+    #[error("vCPU {0} is not paused: pause the VM before touching vCPU state")]
+    NotPaused(u8),
+    #[error("vCPU {0} exited before it ran the requested work")]
+    Gone(u8),
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -157,10 +165,11 @@ enum Step {
 }
 
 impl Vcpu {
-    /// Starts the vCPU's thread; it runs until stopped or the guest exits.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU's thread (parked when `paused`); it runs until
+    /// stopped or the guest exits.
+    pub fn start(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler();
-        let control = Arc::new(Control::default());
+        let control = Arc::new(Control { pause: AtomicBool::new(paused), ..Control::default() });
         let counters = Arc::new(ExitCounters::default());
         let (thread_control, thread_counters) = (Arc::clone(&control), Arc::clone(&counters));
         let id = self.id;
@@ -175,7 +184,7 @@ impl Vcpu {
         control.set_state(RunState::Running);
         while !control.stop.load(Ordering::Acquire) {
             if control.pause.load(Ordering::Acquire) {
-                park(control);
+                park(control, &self.fd);
                 continue;
             }
             match self.step(counters) {
@@ -232,12 +241,20 @@ impl Vcpu {
     }
 }
 
-/// Parks the vCPU thread while a pause is requested.
-fn park(control: &Control) {
+/// Parks the vCPU thread while a pause is requested, running any task
+/// the host hands it meanwhile.
+fn park(control: &Control, fd: &VcpuFd) {
     let mut state = control.state.lock().unwrap_or_else(|p| p.into_inner());
     *state = Some(RunState::Paused);
     control.changed.notify_all();
     while control.pause.load(Ordering::Acquire) && !control.stop.load(Ordering::Acquire) {
+        let task = control.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            drop(state);
+            task(fd);
+            state = control.state.lock().unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
         state = control.changed.wait(state).unwrap_or_else(|p| p.into_inner());
     }
     *state = Some(RunState::Running);
@@ -268,6 +285,24 @@ impl VcpuHandle {
         self.control.pause.store(true, Ordering::Release);
         self.wait_for(timeout, |state| matches!(state, Some(RunState::Paused | RunState::Exited)))
             .map_err(|()| VcpuError::PauseTimeout(self.id, timeout))
+    }
+
+    /// Runs `work` on the paused vCPU's own thread with its fd and returns
+    /// the result: how vCPU state is saved and restored.
+    pub fn run_on_vcpu<T: Send + 'static>(&self, work: impl FnOnce(&VcpuFd) -> T + Send + 'static) -> Result<T, VcpuError> {
+        if self.control.state() != Some(RunState::Paused) {
+            return Err(VcpuError::NotPaused(self.id));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let task: VcpuTask = Box::new(move |fd| {
+            let _ = tx.send(work(fd));
+        });
+        {
+            let _state = self.control.state.lock().unwrap_or_else(|p| p.into_inner());
+            *self.control.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+            self.control.changed.notify_all();
+        }
+        rx.recv().map_err(|_| VcpuError::Gone(self.id))
     }
 
     /// Lets a paused vCPU run again.

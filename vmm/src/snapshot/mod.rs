@@ -1,0 +1,161 @@
+//! Snapshots of a paused microVM and their restore. A snapshot is two
+//! files: `state` (versioned, checksummed: VM and vCPU state) and `memory`
+//! (guest RAM, sparse: zero pages are holes). Restore maps the memory file
+//! privately (copy-on-write, page cache shared by every clone) or serves it
+//! lazily through userfaultfd, optionally prefetching a recorded working set.
+
+pub mod format;
+pub mod state;
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
+
+pub use format::FormatError;
+pub use state::{StateError, VcpuState, VmState};
+
+use crate::{
+    builder::MicroVm,
+    uffd::{UffdError, UffdMemory},
+    vstate::{
+        memory::{map_file, GuestMemory, MemoryError},
+        vcpu::VcpuError,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the VM must be paused to be snapshotted: call pause() first")]
+    NotPaused,
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// Everything but guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct MicroVmState {
+    pub memory_bytes: u64,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+}
+
+/// Where a snapshot's files are.
+#[derive(Clone, Debug)]
+pub struct SnapshotFiles {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+}
+
+impl SnapshotFiles {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { state: dir.join("state"), memory: dir.join("memory") }
+    }
+}
+
+/// Writes a snapshot of the paused `vm` to `files`.
+pub fn create(vm: &MicroVm, files: &SnapshotFiles) -> Result<(), SnapshotError> {
+    let first = vm.vcpus().first().ok_or(SnapshotError::NotPaused)?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(|source| StateError::Kvm { action: "open /dev/kvm", source })?;
+    let msr_indices = first.run_on_vcpu(move |fd| state::saveable_msrs(&kvm, fd)).map_err(not_paused)??;
+    let mut vcpus = Vec::with_capacity(vm.vcpus().len());
+    for vcpu in vm.vcpus() {
+        let indices = msr_indices.clone();
+        vcpus.push(vcpu.run_on_vcpu(move |fd| VcpuState::save(fd, &indices)).map_err(not_paused)??);
+    }
+    let memory_bytes = write_memory(vm.memory(), &files.memory)?;
+    let state = MicroVmState { memory_bytes, vm: VmState::save(vm.vm().fd())?, vcpus };
+    let encoded = format::encode(&state)?;
+    let partial = files.state.with_extension("partial");
+    std::fs::write(&partial, encoded).map_err(io_error("write", &partial))?;
+    std::fs::rename(&partial, &files.state).map_err(io_error("rename", &files.state))
+}
+
+fn not_paused(error: VcpuError) -> SnapshotError {
+    match error {
+        VcpuError::NotPaused(_) => SnapshotError::NotPaused,
+        other => SnapshotError::Vcpu(other),
+    }
+}
+
+/// Writes guest RAM to `path`, skipping zero pages (left as holes).
+fn write_memory(memory: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
+    let file = OpenOptions::new().create(true).write(true).truncate(true).open(path).map_err(io_error("create", path))?;
+    let mut offset = 0u64;
+    for region in memory.iter() {
+        let len = region.len();
+        // SAFETY: the region maps `len` bytes at as_ptr(); the VM is paused,
+        // so nothing writes them while they are read.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len as usize) };
+        for (index, page) in bytes.chunks(crate::uffd::PAGE_SIZE as usize).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(page, offset + index as u64 * crate::uffd::PAGE_SIZE).map_err(io_error("write", path))?;
+            }
+        }
+        offset += len;
+    }
+    file.set_len(offset).map_err(io_error("size", path))?;
+    file.sync_all().map_err(io_error("sync", path))?;
+    Ok(offset)
+}
+
+/// Reads and verifies a snapshot's state file.
+pub fn load_state(files: &SnapshotFiles) -> Result<MicroVmState, SnapshotError> {
+    let bytes = std::fs::read(&files.state).map_err(io_error("read", &files.state))?;
+    Ok(format::decode(&bytes)?)
+}
+
+/// How guest memory comes back.
+pub enum RestoreMode {
+    /// Copy-on-write private mapping of the memory file.
+    MapPrivate,
+    /// Lazily, through userfaultfd; `prefetch` lists file offsets to copy
+    /// before the guest runs; `record` keeps the order of faults.
+    Uffd { prefetch: Vec<u64>, record: bool },
+}
+
+/// Restored guest memory: a private mapping, or a uffd-served one.
+pub enum RestoredMemory {
+    Private(GuestMemory),
+    Uffd(UffdMemory),
+}
+
+impl RestoredMemory {
+    pub fn memory(&self) -> &GuestMemory {
+        match self {
+            RestoredMemory::Private(memory) => memory,
+            RestoredMemory::Uffd(uffd) => uffd.memory(),
+        }
+    }
+}
+
+/// Brings back guest memory of `state` from `files` in `mode`.
+pub fn restore_memory(files: &SnapshotFiles, state: &MicroVmState, mode: RestoreMode) -> Result<RestoredMemory, SnapshotError> {
+    let file = File::open(&files.memory).map_err(io_error("open", &files.memory))?;
+    match mode {
+        RestoreMode::MapPrivate => Ok(RestoredMemory::Private(map_file(&file, state.memory_bytes, libc::MAP_PRIVATE)?)),
+        RestoreMode::Uffd { prefetch, record } => {
+            let memory = UffdMemory::new(&file, state.memory_bytes, record)?;
+            memory.prefetch(&prefetch)?;
+            Ok(RestoredMemory::Uffd(memory))
+        }
+    }
+}
