@@ -48,6 +48,8 @@ pub enum MicroVmError {
     Shape,
     #[error("cannot restore the snapshot state: {0}")]
     Restore(#[from] StateError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What to boot.
@@ -74,6 +76,7 @@ pub struct MicroVmBuilder {
     /// Memory restored from a snapshot (its uffd handler runs until drop).
     restored: Option<RestoredMemory>,
     init: VcpuInit,
+    vcpu_seccomp: Option<Arc<seccompiler::BpfProgram>>,
     pio: Bus,
     mmio: Bus,
     exit: Arc<ExitSignal>,
@@ -104,7 +107,7 @@ impl MicroVmBuilder {
     /// Adds the serial console and the i8042.
     fn with_devices(vm: Vm, restored: Option<RestoredMemory>, init: VcpuInit, console: Box<dyn Write + Send>) -> Result<Self, MicroVmError> {
         let exit = Arc::new(ExitSignal::default());
-        let mut builder = Self { vm, restored, init, pio: Bus::default(), mmio: Bus::default(), exit };
+        let mut builder = Self { vm, restored, init, vcpu_seccomp: None, pio: Bus::default(), mmio: Bus::default(), exit };
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MicroVmError::EventFd)?;
         builder.vm.register_irqfd(&serial_irq, COM1_GSI)?;
         builder.add_pio_device(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(SerialConsole::new(serial_irq, console))))?;
@@ -127,6 +130,12 @@ impl MicroVmBuilder {
 
     pub fn add_mmio_device(&mut self, address: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), MicroVmError> {
         Ok(self.mmio.insert(address, len, device)?)
+    }
+
+    /// Confines each vCPU thread to the vCPU seccomp allow-list.
+    pub fn confine_vcpus(&mut self) -> Result<(), MicroVmError> {
+        self.vcpu_seccomp = Some(Arc::new(crate::seccomp::filter(crate::seccomp::ThreadKind::Vcpu)?));
+        Ok(())
     }
 
     /// Starts every vCPU at the kernel entry instead of holding the
@@ -163,7 +172,14 @@ impl MicroVmBuilder {
                     true
                 }
             };
-            let vcpu = Vcpu { id, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), exit: Arc::clone(&self.exit) };
+            let vcpu = Vcpu {
+                id,
+                fd,
+                pio: Arc::clone(&pio),
+                mmio: Arc::clone(&mmio),
+                exit: Arc::clone(&self.exit),
+                seccomp: self.vcpu_seccomp.clone(),
+            };
             handles.push(vcpu.start(paused)?);
         }
         Ok(MicroVm { vm: self.vm, restored: self.restored, vcpus: handles, exit: self.exit })

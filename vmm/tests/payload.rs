@@ -110,7 +110,11 @@ fn two_vcpus_run_at_once() {
     1:  incq (%rdi)
         jmp 1b
     "#;
-    let mut h = start(body, 2, |builder| builder.start_all_vcpus_at_entry());
+    // Both vCPU threads run under their seccomp allow-list.
+    let mut h = start(body, 2, |builder| {
+        builder.start_all_vcpus_at_entry();
+        builder.confine_vcpus().unwrap();
+    });
     let deadline = std::time::Instant::now() + WAIT;
     let both_running = || read_u64(&h.vm, 0x600000) > 1000 && read_u64(&h.vm, 0x600008) > 1000;
     while !both_running() {
@@ -131,7 +135,7 @@ fn pause_and_resume_keep_the_counter_exact() {
         mov %rbx, 0x500000
         jmp 1b
     "#;
-    let mut h = start(body, 1, |_| {});
+    let mut h = start(body, 1, |builder| builder.confine_vcpus().unwrap());
     while read_u64(&h.vm, 0x500000) < 1000 {
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -149,6 +149,8 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
+    /// Seccomp filter the thread installs on itself before running.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 /// The host's handle on a running vCPU thread.
@@ -181,6 +183,13 @@ impl Vcpu {
     }
 
     fn run(mut self, control: &Control, counters: &ExitCounters) {
+        if let Some(program) = self.seccomp.take() {
+            if let Err(error) = crate::seccomp::apply(&program) {
+                self.exit.report(VmExit::RunFailed(error.to_string()));
+                control.set_state(RunState::Exited);
+                return;
+            }
+        }
         control.set_state(RunState::Running);
         while !control.stop.load(Ordering::Acquire) {
             if control.pause.load(Ordering::Acquire) {
