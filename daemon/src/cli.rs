@@ -22,6 +22,13 @@ pub struct Cli {
 pub enum Command {
     /// Serve the sandbox.v1 gRPC API.
     Serve(ServeArgs),
+    /// Run one microVM (the per-sandbox VMM process the daemon starts).
+    #[command(hide = true)]
+    Vmm {
+        /// JSON VMM configuration (boot or restore, serial log, control socket).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

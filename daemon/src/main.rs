@@ -19,7 +19,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Vmm { config } => return run_vmm(&config),
+    };
     let keys = ApiKeys::from_list(&std::env::var("SANDBOXD_API_KEYS").unwrap_or_default());
     let config = match args.into_config(keys) {
         Ok(config) => config,
@@ -37,6 +40,29 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(server::serve(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sandboxd vmm`: runs one microVM until it exits or is shut down.
+fn run_vmm(config: &std::path::Path) -> std::process::ExitCode {
+    let config = match std::fs::read_to_string(config).map_err(|e| e.to_string()).and_then(|text| {
+        serde_json::from_str::<sandbox_vmm::process::VmmConfig>(&text).map_err(|e| e.to_string())
+    }) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("cannot read the VMM configuration {}: {error}", config.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match sandbox_vmm::process::run(config) {
+        Ok(exit) => {
+            tracing::info!(?exit, "microVM ended");
+            std::process::ExitCode::SUCCESS
+        }
         Err(error) => {
             tracing::error!("{error}");
             std::process::ExitCode::FAILURE

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod builder;
 pub mod devices;
 pub mod probe;
+pub mod process;
 pub mod seccomp;
 pub mod snapshot;
 pub mod uffd;

@@ -99,7 +99,15 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         ThreadKind::Uffd => ("uffd", UFFD, UFFDIO),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().chain(extra).map(|&nr| (nr, Vec::new())).collect();
-    rules.insert(libc::SYS_ioctl, vec![ioctl_of_type(ioctl_kind, name)?]);
+    let mut ioctls = vec![ioctl_of_type(ioctl_kind, name)?];
+    if matches!(kind, ThreadKind::Control) {
+        // Switching a control connection to blocking mode.
+        let fionbio = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)
+            .and_then(|condition| SeccompRule::new(vec![condition]))
+            .map_err(|e| SeccompError::Build(name, e.to_string()))?;
+        ioctls.push(fionbio);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
     let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| SeccompError::Build(name, e.to_string()))?;
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch)
         .map_err(|e| SeccompError::Build(name, e.to_string()))?;

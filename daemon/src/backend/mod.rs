@@ -110,7 +110,8 @@ pub enum SelectError {
 /// Builds the backend the flag asks for, saying in one line why `auto`
 /// did not pick microvm.
 pub fn select(choice: BackendChoice, state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend>, SelectError> {
-    let microvm = microvm_support();
+    let host = sandbox_vmm::probe::probe_host();
+    let microvm = if host.microvms { Ok(()) } else { Err(host.reason) };
     match (choice, microvm) {
         (BackendChoice::MicroVm, Err(reason)) => Err(SelectError::MicroVmUnavailable(reason)),
         (BackendChoice::Auto, Err(reason)) => {
@@ -128,15 +129,4 @@ fn jail_backend(state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend
     let backend = jail::JailBackend::new(state_dir.join("jails"), agent_binary.to_path_buf())
         .map_err(|error| SelectError::JailUnavailable(error.to_string()))?;
     Ok(Arc::new(backend))
-}
-
-/// Whether this host can run Linux microVMs at a usable speed.
-fn microvm_support() -> Result<(), String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Err("/dev/kvm does not exist (no hardware virtualization, or the kvm module is not loaded)".to_string());
-    }
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        return Err("/dev/kvm is PVM, which emulates guest ring 0 (about 1.3 M instructions/s), too slow to boot a Linux guest".to_string());
-    }
-    Ok(())
 }

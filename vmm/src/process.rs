@@ -1,0 +1,183 @@
+//! The VMM process: one microVM per process, booted from a kernel or
+//! restored from a snapshot, driven over a unix control socket that speaks
+//! one JSON object per line:
+//!
+//! ```text
+//! {"op":"pause"} {"op":"resume"} {"op":"stats"} {"op":"snapshot","dir":"/path"} {"op":"shutdown"}
+//! ```
+//! Every request gets one reply line: `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`. The process exits when asked to, or when the
+//! guest shuts down; vCPU threads and the control thread run under seccomp.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    builder::{MicroVmBuilder, MicroVmError},
+    seccomp::{self, ThreadKind},
+    snapshot::{self, RestoreMode, SnapshotError, SnapshotFiles},
+    MicroVm, MicroVmConfig, VmExit,
+};
+
+/// What one VMM process runs.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct VmmConfig {
+    #[serde(flatten)]
+    pub source: VmSource,
+    /// File the serial console is appended to.
+    pub serial_log: PathBuf,
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmSource {
+    Boot { kernel: PathBuf, cmdline: String, memory_mib: u32, vcpus: u8 },
+    Restore { snapshot_dir: PathBuf, memory: MemoryMode },
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMode {
+    MapPrivate,
+    Uffd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    MicroVm(#[from] MicroVmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("cannot open {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |source| VmmError::Io { what, source }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Pause,
+    Resume,
+    Stats,
+    Snapshot { dir: PathBuf },
+    Shutdown,
+}
+
+/// Runs the microVM until it exits or is shut down; returns how it ended.
+pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
+    let console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&config.serial_log)
+        .map_err(io_error(config.serial_log.display().to_string()))?;
+    let mut builder = match config.source {
+        VmSource::Boot { kernel, cmdline, memory_mib, vcpus } => {
+            MicroVmBuilder::new(MicroVmConfig { kernel, cmdline, memory_mib, vcpus, console: Box::new(console) })?
+        }
+        VmSource::Restore { snapshot_dir, memory } => {
+            let files = SnapshotFiles::in_dir(&snapshot_dir);
+            let state = Arc::new(snapshot::load_state(&files)?);
+            let mode = match memory {
+                MemoryMode::MapPrivate => RestoreMode::MapPrivate,
+                MemoryMode::Uffd => RestoreMode::Uffd { prefetch: Vec::new(), record: false },
+            };
+            let restored = snapshot::restore_memory(&files, &state, mode)?;
+            MicroVmBuilder::restore(state, restored, Box::new(console))?
+        }
+    };
+    builder.confine_vcpus()?;
+    let _ = std::fs::remove_file(&config.control_socket);
+    let listener = UnixListener::bind(&config.control_socket).map_err(io_error(config.control_socket.display().to_string()))?;
+    listener.set_nonblocking(true).map_err(io_error("the control socket"))?;
+    let mut vm = builder.start()?;
+    vm.resume();
+    seccomp::apply(&seccomp::filter(ThreadKind::Control)?)?;
+    serve(&mut vm, &listener)
+}
+
+/// Accepts control connections until shutdown or a guest exit.
+fn serve(vm: &mut MicroVm, listener: &UnixListener) -> Result<VmExit, VmmError> {
+    loop {
+        if let Some(exit) = vm.wait_for_exit(Duration::from_millis(20)) {
+            return Ok(exit);
+        }
+        let Ok((stream, _)) = listener.accept() else { continue };
+        if let Some(exit) = serve_client(vm, stream) {
+            return Ok(exit);
+        }
+    }
+}
+
+/// Answers one client's requests; returns the exit if it asked to shut down.
+fn serve_client(vm: &mut MicroVm, stream: UnixStream) -> Option<VmExit> {
+    let _ = stream.set_nonblocking(false);
+    let mut writer = stream.try_clone().ok()?;
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return None };
+        let (reply, exit) = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Shutdown) => (serde_json::json!({ "ok": true }), Some(vm.stop())),
+            Ok(request) => (answer(vm, request), None),
+            Err(error) => (serde_json::json!({ "ok": false, "error": format!("malformed request: {error}") }), None),
+        };
+        let _ = writeln!(writer, "{reply}");
+        if exit.is_some() {
+            return exit;
+        }
+    }
+    None
+}
+
+fn answer(vm: &mut MicroVm, request: Request) -> serde_json::Value {
+    let result: Result<serde_json::Value, String> = match request {
+        Request::Pause => vm.pause().map(|()| serde_json::json!({})).map_err(|e| e.to_string()),
+        Request::Resume => {
+            vm.resume();
+            Ok(serde_json::json!({}))
+        }
+        Request::Stats => Ok(stats(vm)),
+        Request::Snapshot { dir } => vm
+            .pause()
+            .map_err(|e| e.to_string())
+            .and_then(|()| snapshot::create(vm, &SnapshotFiles::in_dir(&dir)).map_err(|e| e.to_string()))
+            .map(|()| serde_json::json!({ "dir": dir })),
+        Request::Shutdown => Ok(serde_json::json!({})),
+    };
+    match result {
+        Ok(mut value) => {
+            value["ok"] = true.into();
+            value
+        }
+        Err(error) => serde_json::json!({ "ok": false, "error": error }),
+    }
+}
+
+fn stats(vm: &MicroVm) -> serde_json::Value {
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .unwrap_or(0);
+    let vcpus: Vec<_> = vm
+        .vcpus()
+        .iter()
+        .map(|vcpu| {
+            let c = vcpu.counters();
+            serde_json::json!({ "pio_exits": c.pio.load(Ordering::Relaxed), "mmio_exits": c.mmio.load(Ordering::Relaxed), "other_exits": c.other.load(Ordering::Relaxed) })
+        })
+        .collect();
+    let uffd_faults = vm.uffd().map(|u| u.stats().faults.load(Ordering::Relaxed));
+    serde_json::json!({ "rss_kib": rss_kib, "vcpus": vcpus, "uffd_faults": uffd_faults })
+}
