@@ -1,0 +1,215 @@
+//! The virtio-mmio transport (version 2, the modern layout): the register
+//! window a driver uses to discover a device, negotiate features, set up
+//! queues, notify and acknowledge interrupts.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{devices::bus::BusDevice, vstate::memory::GuestMemory};
+
+/// Size of one device's MMIO window.
+pub const MMIO_LEN: u64 = 0x1000;
+const MAGIC: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x5344_4258; // "XBDS"
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+/// The kernel command-line fragment that announces a device at `base` on `irq`.
+pub fn cmdline_fragment(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemory, interrupt: Arc<Interrupt>) -> Self {
+        let queues = fresh_queues(device.as_ref());
+        Self {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        }
+    }
+
+    /// The driver's status register (for diagnostics and tests).
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue setup is only allowed before the driver is done.
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_select as usize);
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR,
+            0x010 => match self.device_features_select {
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => queue.map_or(0, |q| u32::from(q.max_size())),
+            0x044 => queue.map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            0x014 => self.device_features_select = value,
+            0x020 => self.accept_driver_features(value),
+            0x024 => self.driver_features_select = value,
+            0x030 => self.queue_select = value,
+            0x038 => {
+                if let Some(queue) = self.selected_queue() {
+                    queue.set_size(value as u16);
+                }
+            }
+            0x044 => {
+                if let Some(queue) = self.selected_queue() {
+                    queue.set_ready(value == 1);
+                }
+            }
+            0x050 => {
+                if self.activated && (value as usize) < self.device.queue_max_sizes().len() {
+                    self.device.process_queue(value as usize);
+                }
+            }
+            0x064 => self.interrupt.acknowledge(value),
+            0x070 => self.set_status(value),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => self.set_queue_address(offset, value),
+            _ => {}
+        }
+    }
+
+    fn set_queue_address(&mut self, offset: u64, value: u32) {
+        let Some(queue) = self.selected_queue() else { return };
+        let (low, high) = if offset & 4 == 0 { (Some(value), None) } else { (None, Some(value)) };
+        match offset & !4 {
+            0x080 => queue.set_desc_table_address(low, high),
+            0x090 => queue.set_avail_ring_address(low, high),
+            _ => queue.set_used_ring_address(low, high),
+        }
+    }
+
+    fn accept_driver_features(&mut self, value: u32) {
+        if self.status & STATUS_FEATURES_OK != 0 {
+            return;
+        }
+        let shift = match self.driver_features_select {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        self.driver_features = (self.driver_features & !(0xffff_ffff << shift)) | (u64::from(value) << shift);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let unknown = self.driver_features & !self.offered_features();
+            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                value &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = value;
+        if value & STATUS_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        let valid = self.status & ready == ready && self.queues.iter().all(|q| q.ready() && q.is_valid(&self.memory));
+        if !valid {
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        // The device owns the queues while active; a reset sets up new ones.
+        let queues = std::mem::take(&mut self.queues);
+        match self.device.activate(self.memory.clone(), queues, Arc::clone(&self.interrupt)) {
+            Ok(()) => self.activated = true,
+            Err(_) => self.status |= STATUS_FAILED,
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.interrupt.acknowledge(u32::MAX);
+        self.queues = fresh_queues(self.device.as_ref());
+    }
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device.queue_max_sizes().iter().map(|&max| Queue::new(max).expect("device queue sizes are powers of two")).collect()
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+        } else if data.len() == 4 {
+            data.copy_from_slice(&self.register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < 0x100 && data.len() == 4 {
+            self.write_register(offset, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+        }
+    }
+}
