@@ -1,0 +1,113 @@
+//! virtio-vsock: stream sockets between the guest and host processes.
+//! The host side is a unix socket at `uds_path`. A host process connects
+//! to it and writes `CONNECT <port>\n`; once the guest accepts, it reads
+//! `OK <host port>\n` and the stream carries the connection's bytes. A
+//! guest connecting to host port P reaches whoever listens on
+//! `<uds_path>_<P>`. Credit-based flow control follows the virtio spec.
+
+mod muxer;
+pub mod packet;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError, TYPE_VSOCK};
+use crate::vstate::memory::GuestMemory;
+use muxer::Muxer;
+
+const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+
+/// The vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Arc<Mutex<Muxer>>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vsock {
+    /// Listens on `uds_path` for host connections to guest `guest_cid`.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VirtioError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let muxer = Arc::new(Mutex::new(Muxer::new(guest_cid, uds_path)?));
+        let thread = muxer::spawn_event_loop(Arc::clone(&muxer), stop.try_clone()?)?;
+        Ok(Self { guest_cid, muxer, stop, thread: Some(thread) })
+    }
+
+    /// A handle that outlives handing the device to its transport.
+    pub fn control(&self) -> VsockControl {
+        VsockControl(Arc::clone(&self.muxer))
+    }
+}
+
+/// Host-side control of a vsock device.
+#[derive(Clone)]
+pub struct VsockControl(Arc<Mutex<Muxer>>);
+
+impl VsockControl {
+    /// Drops every connection and tells the guest its transport was reset
+    /// (after a snapshot restore, old connections cannot continue).
+    pub fn reset_connections(&self) {
+        lock(&self.0).reset_connections();
+    }
+}
+
+fn lock(muxer: &Mutex<Muxer>) -> std::sync::MutexGuard<'_, Muxer> {
+    muxer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, memory: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError> {
+        if queues.len() != 3 {
+            return Err(VirtioError::QueueCount(queues.len(), 3));
+        }
+        lock(&self.muxer).activate(memory, queues, interrupt);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let mut muxer = lock(&self.muxer);
+        if index == TX_QUEUE {
+            muxer.process_tx();
+        }
+        muxer.fill_rx();
+    }
+
+    fn reset(&mut self) {
+        lock(&self.muxer).deactivate();
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

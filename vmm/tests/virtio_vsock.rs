@@ -1,0 +1,196 @@
+//! virtio-vsock driven from the host side the way a guest driver would:
+//! host-initiated connections with the CONNECT handshake, guest-initiated
+//! connections to host listeners, data both ways, credit flow control,
+//! shutdown and reset, malformed packets, and the transport-reset event.
+
+#[path = "support/virtq.rs"]
+mod virtq;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use sandbox_vmm::devices::virtio::vsock::{packet::*, Vsock, VsockControl, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use vm_memory::{Bytes, GuestAddress};
+use virtq::{Driver, VERSION_1};
+
+const GUEST_CID: u64 = 3;
+const RX_BUFFER: u32 = (HEADER_LEN + 4096) as u32;
+
+struct Guest {
+    driver: Driver,
+    control: VsockControl,
+    uds: PathBuf,
+}
+
+impl Guest {
+    fn new(name: &str) -> Guest {
+        let uds = std::env::temp_dir().join(format!("sandboxd-vsock-{name}-{}.sock", std::process::id()));
+        let vsock = Vsock::new(GUEST_CID, uds.clone()).unwrap();
+        let control = vsock.control();
+        let mut driver = Driver::new(Box::new(vsock), Driver::memory(32 << 20));
+        assert_eq!(driver.initialize(VERSION_1), 15, "the device is live");
+        let mut guest = Guest { driver, control, uds };
+        for _ in 0..8 {
+            guest.post_rx_buffer();
+        }
+        let event = guest.driver.buffer(&[0xff; 8]);
+        guest.driver.submit(EVENT_QUEUE, &[(event, 8, true)]);
+        guest
+    }
+
+    fn post_rx_buffer(&mut self) {
+        let buffer = self.driver.buffer(&vec![0u8; RX_BUFFER as usize]);
+        self.driver.submit(RX_QUEUE, &[(buffer, RX_BUFFER, true)]);
+    }
+
+    fn send(&mut self, op: u16, src_port: u32, dst_port: u32, buf_alloc: u32, fwd_cnt: u32, payload: &[u8]) {
+        let header = PacketHeader {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len: payload.len() as u32,
+            kind: TYPE_STREAM,
+            op,
+            flags: if op == OP_SHUTDOWN { SHUTDOWN_BOTH } else { 0 },
+            buf_alloc,
+            fwd_cnt,
+        };
+        let mut bytes = vec![0u8; HEADER_LEN];
+        self.driver.memory.write_obj(header, GuestAddress(0x0f_0000)).unwrap();
+        self.driver.memory.read_slice(&mut bytes, GuestAddress(0x0f_0000)).unwrap();
+        bytes.extend_from_slice(payload);
+        let address = self.driver.buffer(&bytes);
+        self.driver.submit(TX_QUEUE, &[(address, bytes.len() as u32, false)]);
+    }
+
+    /// Waits for the next packet the device delivered to the guest.
+    fn receive(&mut self) -> (PacketHeader, Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((head, len)) = self.driver.pop_used(RX_QUEUE) {
+                let address = self.driver.descriptor_address(RX_QUEUE, head);
+                let header: PacketHeader = self.driver.memory.read_obj(GuestAddress(address)).unwrap();
+                let mut payload = vec![0u8; len as usize - HEADER_LEN];
+                self.driver.memory.read_slice(&mut payload, GuestAddress(address + HEADER_LEN as u64)).unwrap();
+                self.post_rx_buffer();
+                return (header, payload);
+            }
+            assert!(Instant::now() < deadline, "no packet reached the guest");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+/// Connects from the host and returns the stream and the host port.
+fn host_connect(guest: &mut Guest, port: u32) -> (UnixStream, u32) {
+    let mut stream = UnixStream::connect(&guest.uds).unwrap();
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let (request, _) = guest.receive();
+    let (op, dst, host_port) = (request.op, request.dst_port, request.src_port);
+    assert_eq!((op, dst), (OP_REQUEST, port), "the guest is asked to accept");
+    guest.send(OP_RESPONSE, port, host_port, 65536, 0, &[]);
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {host_port}\n"));
+    (stream, host_port)
+}
+
+#[test]
+fn host_connection_handshake_data_and_shutdown() {
+    let mut guest = Guest::new("host");
+    let (mut stream, host_port) = host_connect(&mut guest, 1024);
+    stream.write_all(b"ping").unwrap();
+    let (packet, payload) = guest.receive();
+    let op = packet.op;
+    assert_eq!((op, payload.as_slice()), (OP_RW, &b"ping"[..]));
+    guest.send(OP_RW, 1024, host_port, 65536, 4, b"pong");
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"pong");
+    guest.send(OP_SHUTDOWN, 1024, host_port, 65536, 4, &[]);
+    let (packet, _) = guest.receive();
+    let op = packet.op;
+    assert_eq!(op, OP_RST, "the host side acknowledges with a reset");
+    assert_eq!(stream.read(&mut reply).unwrap(), 0, "the host stream is closed");
+}
+
+#[test]
+fn guest_connections_reach_host_listeners() {
+    let mut guest = Guest::new("guest");
+    let listener = UnixListener::bind(format!("{}_5000", guest.uds.display())).unwrap();
+    guest.send(OP_REQUEST, 777, 5000, 65536, 0, &[]);
+    let (packet, _) = guest.receive();
+    let (op, src, dst) = (packet.op, packet.src_port, packet.dst_port);
+    assert_eq!((op, src, dst), (OP_RESPONSE, 5000, 777));
+    let (mut stream, _) = listener.accept().unwrap();
+    guest.send(OP_RW, 777, 5000, 65536, 0, b"hello");
+    let mut data = [0u8; 5];
+    stream.read_exact(&mut data).unwrap();
+    assert_eq!(&data, b"hello");
+    stream.write_all(b"back").unwrap();
+    let (packet, payload) = guest.receive();
+    let op = packet.op;
+    assert_eq!((op, payload.as_slice()), (OP_RW, &b"back"[..]));
+
+    guest.send(OP_REQUEST, 778, 6000, 65536, 0, &[]);
+    let (packet, _) = guest.receive();
+    let op = packet.op;
+    assert_eq!(op, OP_RST, "nobody listens on host port 6000");
+    let _ = std::fs::remove_file(format!("{}_5000", guest.uds.display()));
+}
+
+#[test]
+fn credit_limits_what_the_host_sends() {
+    let mut guest = Guest::new("credit");
+    let mut stream = UnixStream::connect(&guest.uds).unwrap();
+    stream.write_all(b"CONNECT 2000\n").unwrap();
+    let (request, _) = guest.receive();
+    let host_port = request.src_port;
+    guest.send(OP_RESPONSE, 2000, host_port, 8, 0, &[]);
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap()).read_line(&mut line).unwrap();
+    stream.write_all(&[7u8; 20]).unwrap();
+    let (_, first) = guest.receive();
+    assert_eq!(first.len(), 8, "no more than the guest's 8-byte buffer");
+    guest.send(OP_CREDIT_UPDATE, 2000, host_port, 8, 8, &[]);
+    let (_, second) = guest.receive();
+    assert_eq!(second.len(), 8, "more after the guest consumed the first 8 bytes");
+}
+
+#[test]
+fn malformed_packets_and_transport_reset() {
+    let mut guest = Guest::new("reset");
+    // A packet shorter than its header, and one for an unknown connection.
+    let short = guest.driver.buffer(&[1, 2, 3]);
+    guest.driver.submit(TX_QUEUE, &[(short, 3, false)]);
+    guest.send(OP_RW, 9, 9999, 65536, 0, b"stray");
+    let (packet, _) = guest.receive();
+    let op = packet.op;
+    assert_eq!(op, OP_RST, "data for an unknown connection is refused");
+
+    let (mut stream, _) = host_connect(&mut guest, 1024);
+    guest.control.reset_connections();
+    let mut byte = [0u8; 1];
+    assert_eq!(stream.read(&mut byte).unwrap(), 0, "host connections are dropped");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let event = loop {
+        if let Some(used) = guest.driver.pop_used(EVENT_QUEUE) {
+            break used;
+        }
+        assert!(Instant::now() < deadline, "no transport reset event");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let address = guest.driver.descriptor_address(EVENT_QUEUE, event.0);
+    assert_eq!(guest.driver.memory.read_obj::<u32>(GuestAddress(address)).unwrap(), 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+}
