@@ -67,6 +67,7 @@ fn snapshot_payload(dir: &Path, body: &str) -> SnapshotFiles {
         memory_mib: 256,
         vcpus: 1,
         console: Box::new(SharedConsole::default()),
+        virtio: Vec::new(),
     };
     let mut builder = MicroVmBuilder::new(config).unwrap();
     let ports = Arc::new(PortRecorder::default());

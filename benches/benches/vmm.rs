@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn config(kernel: std::path::PathBuf) -> MicroVmConfig {
-    MicroVmConfig { kernel, cmdline: String::new(), memory_mib: 64, vcpus: 1, console: Box::new(SharedConsole::default()) }
+    MicroVmConfig { kernel, cmdline: String::new(), memory_mib: 64, vcpus: 1, console: Box::new(SharedConsole::default()), virtio: Vec::new() }
 }
 
 /// Counts port writes without keeping them.

@@ -4,8 +4,9 @@
 //! sandbox-agent [--unix PATH] [--vsock PORT] [--init]
 //! ```
 //! `--unix` serves the agent API on a unix socket (jails), `--vsock` on a
-//! vsock port (microVMs; the default as PID 1 is port 1024). `--init`
-//! mounts /proc, /sys, /dev, /dev/pts, /tmp and /run first.
+//! vsock port. `--init` mounts /proc, /sys, /dev, /dev/pts, /tmp and /run
+//! first. Started as PID 1 without arguments (a microVM's init), it does
+//! both: mounts, then serves on vsock port 1024.
 
 mod files;
 mod init;
@@ -68,9 +69,14 @@ fn parse_args() -> Result<Options, AgentError> {
             other => return Err(AgentError::Usage(format!("unknown argument {other:?}"))),
         }
     }
+    // As a microVM's init (PID 1, started by the kernel without arguments)
+    // the agent mounts the basics and serves on vsock.
     let listen = match listen {
         Some(listen) => listen,
-        None if std::process::id() == 1 => Listen::Vsock(DEFAULT_VSOCK_PORT),
+        None if std::process::id() == 1 => {
+            init = true;
+            Listen::Vsock(DEFAULT_VSOCK_PORT)
+        }
         None => return Err(AgentError::Usage("pass --unix PATH or --vsock PORT".into())),
     };
     Ok(Options { listen, init })

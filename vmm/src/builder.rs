@@ -17,6 +17,10 @@ use crate::{
         bus::{Bus, BusDevice, BusError},
         i8042::{I8042, I8042_LEN, I8042_PORT},
         serial::{SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT},
+        virtio::{
+            mmio::{self, MmioTransport, MMIO_LEN},
+            Interrupt, VirtioDevice,
+        },
     },
     vstate::{
         memory::{create_guest_memory, GuestMemory, MemoryError},
@@ -60,7 +64,15 @@ pub struct MicroVmConfig {
     pub vcpus: u8,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
+    /// Virtio devices, placed on virtio-mmio slots and announced on the
+    /// kernel command line in this order.
+    pub virtio: Vec<Box<dyn VirtioDevice>>,
 }
+
+/// Guest-physical base of the first virtio-mmio slot (in the MMIO gap).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Interrupt line of the first virtio-mmio slot.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
 
 /// How the vCPUs get their first state.
 enum VcpuInit {
@@ -91,9 +103,26 @@ impl MicroVmBuilder {
         // The mapping keeps the memfd's pages alive; the fd itself is not needed.
         let (memory, _memfd) = create_guest_memory(u64::from(config.memory_mib) << 20)?;
         let kernel = boot::load_kernel(&memory, &config.kernel)?;
-        boot::write_boot_data(&memory, &kernel, &config.cmdline)?;
+        let mut cmdline = config.cmdline;
+        for slot in 0..config.virtio.len() as u64 {
+            let irq = VIRTIO_FIRST_IRQ + slot as u32;
+            cmdline = format!("{cmdline} {}", mmio::cmdline_fragment(VIRTIO_MMIO_BASE + slot * MMIO_LEN, irq));
+        }
+        boot::write_boot_data(&memory, &kernel, cmdline.trim())?;
         let init = VcpuInit::Boot { kernel, count: config.vcpus, all_at_entry: false };
-        Self::with_devices(Vm::new(memory)?, None, init, config.console)
+        let mut builder = Self::with_devices(Vm::new(memory)?, None, init, config.console)?;
+        for (slot, device) in config.virtio.into_iter().enumerate() {
+            builder.add_virtio_device(slot as u64, device)?;
+        }
+        Ok(builder)
+    }
+
+    /// Puts `device` on virtio-mmio slot `slot` with its irqfd.
+    fn add_virtio_device(&mut self, slot: u64, device: Box<dyn VirtioDevice>) -> Result<(), MicroVmError> {
+        let event = EventFd::new(libc::EFD_NONBLOCK).map_err(MicroVmError::EventFd)?;
+        self.vm.register_irqfd(&event, VIRTIO_FIRST_IRQ + slot as u32)?;
+        let transport = MmioTransport::new(device, self.vm.memory().clone(), Interrupt::new(event));
+        self.add_mmio_device(VIRTIO_MMIO_BASE + slot * MMIO_LEN, MMIO_LEN, Arc::new(Mutex::new(transport)))
     }
 
     /// Rebuilds a microVM from snapshot state and restored memory; its

@@ -21,6 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     builder::{MicroVmBuilder, MicroVmError},
+    devices::virtio::{
+        block::{Block, CowDisk},
+        vsock::Vsock,
+        VirtioDevice,
+    },
     seccomp::{self, ThreadKind},
     snapshot::{self, RestoreMode, SnapshotError, SnapshotFiles},
     MicroVm, MicroVmConfig, VmExit,
@@ -39,8 +44,35 @@ pub struct VmmConfig {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmSource {
-    Boot { kernel: PathBuf, cmdline: String, memory_mib: u32, vcpus: u8 },
+    Boot {
+        kernel: PathBuf,
+        cmdline: String,
+        memory_mib: u32,
+        vcpus: u8,
+        /// The root disk: a read-only base image with a copy-on-write overlay.
+        #[serde(default)]
+        drive: Option<DriveConfig>,
+        /// Host ↔ guest stream sockets.
+        #[serde(default)]
+        vsock: Option<VsockConfig>,
+    },
+    /// Restores a snapshot of a VM without virtio devices (their transport
+    /// state is not part of snapshots yet).
     Restore { snapshot_dir: PathBuf, memory: MemoryMode },
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct DriveConfig {
+    pub base: PathBuf,
+    pub overlay: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize)]
@@ -85,8 +117,20 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
         .open(&config.serial_log)
         .map_err(io_error(config.serial_log.display().to_string()))?;
     let mut builder = match config.source {
-        VmSource::Boot { kernel, cmdline, memory_mib, vcpus } => {
-            MicroVmBuilder::new(MicroVmConfig { kernel, cmdline, memory_mib, vcpus, console: Box::new(console) })?
+        VmSource::Boot { kernel, cmdline, memory_mib, vcpus, drive, vsock } => {
+            let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+            if let Some(drive) = drive {
+                let disk = CowDisk::open(&drive.base, &drive.overlay).map_err(io_error(drive.base.display().to_string()))?;
+                virtio.push(Box::new(Block::new(disk, drive.read_only, "rootfs")));
+            }
+            if let Some(vsock) = vsock {
+                let device = Vsock::new(vsock.guest_cid, vsock.uds.clone()).map_err(|e| VmmError::Io {
+                    what: vsock.uds.display().to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                virtio.push(Box::new(device));
+            }
+            MicroVmBuilder::new(MicroVmConfig { kernel, cmdline, memory_mib, vcpus, console: Box::new(console), virtio })?
         }
         VmSource::Restore { snapshot_dir, memory } => {
             let files = SnapshotFiles::in_dir(&snapshot_dir);

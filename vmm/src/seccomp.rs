@@ -76,6 +76,19 @@ const CONTROL: &[i64] = &[
     libc::SYS_sched_getaffinity,
 ];
 
+/// Device emulation on vCPU threads: disk I/O, and vsock streams to host
+/// processes (unix sockets only).
+const VCPU: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_epoll_ctl,
+    libc::SYS_connect,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+];
+
 /// The uffd handler polls its fds.
 const UFFD: &[i64] = &[libc::SYS_poll, libc::SYS_ppoll];
 
@@ -94,7 +107,7 @@ const UFFDIO: u64 = 0xaa;
 /// Compiles the allow-list of `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let (name, extra, ioctl_kind): (&'static str, &[i64], u64) = match kind {
-        ThreadKind::Vcpu => ("vcpu", &[], KVMIO),
+        ThreadKind::Vcpu => ("vcpu", VCPU, KVMIO),
         ThreadKind::Control => ("control", CONTROL, KVMIO),
         ThreadKind::Uffd => ("uffd", UFFD, UFFDIO),
     };
@@ -108,6 +121,13 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         ioctls.push(fionbio);
     }
     rules.insert(libc::SYS_ioctl, ioctls);
+    if matches!(kind, ThreadKind::Vcpu) {
+        // Guest-initiated vsock connections dial unix sockets, nothing else.
+        let unix_only = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
+            .and_then(|condition| SeccompRule::new(vec![condition]))
+            .map_err(|e| SeccompError::Build(name, e.to_string()))?;
+        rules.insert(libc::SYS_socket, vec![unix_only]);
+    }
     let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| SeccompError::Build(name, e.to_string()))?;
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch)
         .map_err(|e| SeccompError::Build(name, e.to_string()))?;
@@ -152,6 +172,10 @@ mod tests {
         let opens_socket = || unsafe {
             libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
         };
+        let execs = || unsafe {
+            libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), std::ptr::null::<*const libc::c_char>(), std::ptr::null::<*const libc::c_char>());
+        };
+        assert_eq!(in_filtered_child(execs), Some(libc::SIGSYS));
         assert_eq!(in_filtered_child(opens_socket), Some(libc::SIGSYS));
         let non_kvm_ioctl = || unsafe {
             libc::syscall(libc::SYS_ioctl, 0, libc::TIOCGWINSZ, 0);

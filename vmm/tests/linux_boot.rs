@@ -39,6 +39,7 @@ fn guest_kernel_prints_its_banner_and_command_line() {
         memory_mib: 256,
         vcpus: 1,
         console: Box::new(console.clone()),
+        virtio: Vec::new(),
     };
     let mut vm = MicroVmBuilder::new(config).expect("build the VM").start().expect("start the VM");
     let started = std::time::Instant::now();

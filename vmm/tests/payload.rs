@@ -32,6 +32,7 @@ fn start(body: &str, vcpus: u8, before_start: impl FnOnce(&mut MicroVmBuilder)) 
         memory_mib: 64,
         vcpus,
         console: Box::new(console.clone()),
+        virtio: Vec::new(),
     };
     let mut builder = MicroVmBuilder::new(config).expect("build the microVM");
     let (ports, mmio) = (Arc::new(PortRecorder::default()), Arc::new(PortRecorder::default()));

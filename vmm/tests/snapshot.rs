@@ -77,6 +77,7 @@ fn snapshot_running_payload(dir: &std::path::Path) -> (SnapshotFiles, u64) {
         memory_mib: 128,
         vcpus: 1,
         console: Box::new(SharedConsole::default()),
+        virtio: Vec::new(),
     };
     let mut builder = MicroVmBuilder::new(config).unwrap();
     let ports = Arc::new(PortRecorder::default());

@@ -6,7 +6,7 @@
 use std::{
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
 };
 
@@ -38,7 +38,8 @@ const ID_LEN: usize = 20;
 pub struct CowDisk {
     base: File,
     overlay: File,
-    bitmap_path: PathBuf,
+    /// Persisted copy of `written`, rewritten on flush.
+    bitmap: File,
     /// One bit per cluster: set when the overlay holds the cluster.
     written: Vec<u64>,
     size: u64,
@@ -66,7 +67,8 @@ impl CowDisk {
             }
             _ => vec![0; words],
         };
-        Ok(Self { base: base_file, overlay: overlay_file, bitmap_path, written, size })
+        let bitmap = OpenOptions::new().write(true).create(true).truncate(false).open(&bitmap_path)?;
+        Ok(Self { base: base_file, overlay: overlay_file, bitmap, written, size })
     }
 
     pub fn size(&self) -> u64 {
@@ -127,7 +129,8 @@ impl CowDisk {
     pub fn flush(&self) -> std::io::Result<()> {
         self.overlay.sync_data()?;
         let bytes: Vec<u8> = self.written.iter().flat_map(|word| word.to_le_bytes()).collect();
-        std::fs::write(&self.bitmap_path, bytes)
+        self.bitmap.write_all_at(&bytes, 0)?;
+        self.bitmap.sync_data()
     }
 
     fn check_range(&self, offset: u64, len: usize) -> std::io::Result<()> {
