@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     auth::ApiKeys,
-    backend::{BackendChoice, ResourceLimits},
+    backend::{microvm::GuestImages, BackendChoice, ResourceLimits},
     manager::Policy,
     server::ServeConfig,
 };
@@ -72,6 +72,12 @@ pub struct ServeArgs {
     pub max_ttl_seconds: u64,
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: usize,
+    /// Guest kernel (vmlinux) for the microvm backend (from kernel-config/build.sh).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest root image (ext4) for the microvm backend (from scripts/guest-image.sh).
+    #[arg(long)]
+    pub rootfs_image: Option<PathBuf>,
 }
 
 fn parse_template(value: &str) -> Result<(String, PathBuf), String> {
@@ -102,6 +108,7 @@ impl ServeArgs {
             unix_socket: self.unix_socket.unwrap_or_else(|| self.state_dir.join("sandboxd.sock")),
             metrics_listen,
             backend: self.backend,
+            guest_images: self.kernel.zip(self.rootfs_image).map(|(kernel, rootfs)| GuestImages { kernel, rootfs }),
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
             state_dir: self.state_dir,
             agent_binary,

@@ -21,7 +21,7 @@ use crate::{
     api::{files::FilesService, processes::ProcessesService, sandboxes::SandboxesService, ApiContext},
     audit::{AuditError, AuditLog},
     auth::ApiKeys,
-    backend::{self, BackendChoice, SelectError},
+    backend::{self, microvm::GuestImages, BackendChoice, SelectError},
     manager::{Policy, SandboxManager},
     metrics::{self, MetricsError},
 };
@@ -36,6 +36,7 @@ pub struct ServeConfig {
     pub unix_socket: PathBuf,
     pub metrics_listen: Option<SocketAddr>,
     pub backend: BackendChoice,
+    pub guest_images: Option<GuestImages>,
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
     pub agent_binary: PathBuf,
@@ -76,7 +77,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     if let Some(addr) = config.metrics_listen {
         metrics::install(addr)?;
     }
-    let backend = backend::select(config.backend, &config.state_dir, &config.agent_binary)?;
+    let backend = backend::select(config.backend, &config.state_dir, &config.agent_binary, config.guest_images.clone())?;
     tracing::info!(backend = backend.kind().as_str(), "backend ready");
     let manager = SandboxManager::new(backend, config.templates.clone(), config.policy.clone(), config.pool_size);
     let context = ApiContext { manager: Arc::clone(&manager), audit: AuditLog::open(&config.audit_log)? };

@@ -35,12 +35,14 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct DaemonOptions {
     pub api_keys: Option<String>,
     pub pool_size: usize,
+    /// `jail` or `microvm`.
+    pub backend: &'static str,
     pub extra_args: Vec<String>,
 }
 
 impl Default for DaemonOptions {
     fn default() -> Self {
-        Self { api_keys: None, pool_size: 1, extra_args: Vec::new() }
+        Self { api_keys: None, pool_size: 1, backend: "jail", extra_args: Vec::new() }
     }
 }
 
@@ -59,7 +61,7 @@ impl Daemon {
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
         let mut command = Command::new(binary("sandboxd"));
         command
-            .args(["serve", "--backend", "jail", "--metrics-listen", "off"])
+            .args(["serve", "--backend", options.backend, "--metrics-listen", "off"])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")

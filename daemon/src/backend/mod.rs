@@ -3,7 +3,9 @@
 //! only to that agent. `jail` uses namespaces and cgroups; `microvm` uses a
 //! KVM microVM per sandbox.
 
+pub mod cgroup;
 pub mod jail;
+pub mod microvm;
 
 use std::{
     path::{Path, PathBuf},
@@ -108,20 +110,30 @@ pub enum SelectError {
 }
 
 /// Builds the backend the flag asks for, saying in one line why `auto`
-/// did not pick microvm.
-pub fn select(choice: BackendChoice, state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend>, SelectError> {
+/// did not pick microvm. `images` are what microVMs boot, when configured.
+pub fn select(
+    choice: BackendChoice,
+    state_dir: &Path,
+    agent_binary: &Path,
+    images: Option<microvm::GuestImages>,
+) -> Result<Arc<dyn Backend>, SelectError> {
     let host = sandbox_vmm::probe::probe_host();
-    let microvm = if host.microvms { Ok(()) } else { Err(host.reason) };
+    let microvm = match (host.microvms, images) {
+        (false, _) => Err(host.reason),
+        (true, None) => Err("no guest kernel and root image are configured (--kernel, --rootfs-image)".to_string()),
+        (true, Some(images)) => Ok(images),
+    };
     match (choice, microvm) {
+        (BackendChoice::Jail, _) => jail_backend(state_dir, agent_binary),
         (BackendChoice::MicroVm, Err(reason)) => Err(SelectError::MicroVmUnavailable(reason)),
         (BackendChoice::Auto, Err(reason)) => {
             tracing::warn!("microVMs cannot run on this host ({reason}); using the jail backend");
             jail_backend(state_dir, agent_binary)
         }
-        (BackendChoice::Jail, _) => jail_backend(state_dir, agent_binary),
-        (BackendChoice::Auto | BackendChoice::MicroVm, Ok(())) => Err(SelectError::MicroVmUnavailable(
-            "this build's microvm backend cannot yet serve sandboxes".to_string(),
-        )),
+        (BackendChoice::Auto | BackendChoice::MicroVm, Ok(images)) => {
+            let backend = microvm::MicroVmBackend::new(state_dir.join("microvms"), images).map_err(SelectError::MicroVmUnavailable)?;
+            Ok(Arc::new(backend))
+        }
     }
 }
 

@@ -5,7 +5,6 @@
 
 mod backend;
 mod caps;
-pub mod cgroup;
 pub mod launcher;
 mod mounts;
 mod seccomp;
@@ -19,8 +18,8 @@ use std::{
 };
 
 pub use backend::JailBackend;
-pub use cgroup::{CgroupFlavor, Limits as JailLimits};
-use cgroup::{Cgroup, CgroupError};
+pub use super::cgroup::{CgroupFlavor, Limits as JailLimits};
+use super::cgroup::{self, Cgroup, CgroupError};
 use launcher::{LaunchConfig, CONFIG_ENV};
 
 #[derive(Debug, thiserror::Error)]
