@@ -14,7 +14,10 @@ use sandbox_proto::api::{
     files_server::FilesServer, processes_server::ProcessesServer, sandboxes_server::SandboxesServer,
 };
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::{
+    wrappers::{TcpListenerStream, UnixListenerStream},
+    StreamExt,
+};
 use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
@@ -92,8 +95,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     tracing::info!(listen = %tcp.local_addr().unwrap_or(config.listen), unix = %config.unix_socket.display(), "serving sandbox.v1");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let on_tcp = router(&context, &config.api_keys)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped(stop_rx.clone()));
+    // Small stream frames (exec events) must not wait for Nagle's algorithm.
+    let tcp_streams = TcpListenerStream::new(tcp).map(|stream| {
+        if let Ok(stream) = &stream {
+            let _ = stream.set_nodelay(true);
+        }
+        stream
+    });
+    let on_tcp = router(&context, &config.api_keys).serve_with_incoming_shutdown(tcp_streams, stopped(stop_rx.clone()));
     let on_unix = router(&context, &config.api_keys)
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx));
     let servers = async { tokio::try_join!(on_tcp, on_unix) };

@@ -43,7 +43,7 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run,lib/modules,t/deps,guest,var/lib/sandboxd}
 cp /bin/busybox "$root/bin/busybox"
-for applet in sh mount mkdir insmod cat ls echo poweroff sleep; do ln -s busybox "$root/bin/$applet"; done
+for applet in sh mount mkdir insmod cat ls echo poweroff sleep ifconfig; do ln -s busybox "$root/bin/$applet"; done
 # kvm-amd and what it depends on, decompressed for busybox insmod.
 for module in irqbypass kvm kvm-amd; do
   path=$(modinfo -k "$host_release" -n "$module")
@@ -64,6 +64,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+ifconfig lo 127.0.0.1 up
 for module in irqbypass kvm kvm-amd; do insmod /lib/modules/$module.ko; done
 echo NESTED-BEGIN
 if [ -c /dev/kvm ]; then
