@@ -36,7 +36,9 @@ async fn linux_guest_boots_to_the_agent_and_serves_the_api() {
     let Some(options) = microvm_options() else { return };
     let daemon = Daemon::start(options).await;
     let mut api = daemon.clients(None).await;
+    let booting = std::time::Instant::now();
     let id = api.create(None).await;
+    eprintln!("microVM Create (boot to the agent's hello over vsock): {:?}", booting.elapsed());
     let sandbox = api.sandboxes.get(sandbox_proto::api::GetSandboxRequest { id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(sandbox.backend, "microvm");
 

@@ -149,8 +149,22 @@ impl VmProcess {
         }
     }
 
+    /// Whether the VMM still runs; says why when it died (a seccomp
+    /// violation kills it with SIGSYS).
     fn is_alive(&self) -> bool {
-        matches!(self.child.lock().unwrap_or_else(|p| p.into_inner()).try_wait(), Ok(None))
+        use std::os::unix::process::ExitStatusExt;
+        match self.child.lock().unwrap_or_else(|p| p.into_inner()).try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) if status.signal() == Some(libc::SIGSYS) => {
+                tracing::error!(vmm = %self.dir.display(), "the VMM was killed by its seccomp filter (SIGSYS)");
+                false
+            }
+            Ok(Some(status)) => {
+                tracing::warn!(vmm = %self.dir.display(), %status, "the VMM exited");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Asks the VMM to stop, then makes sure: kills what is left and
