@@ -1,28 +1,22 @@
 #!/usr/bin/env bash
 # Builds the guest kernel (vmlinux and bzImage) from Debian's
 # linux-source-6.12: `make tinyconfig`, then guest.config merged on top.
-# Outputs go to a cache keyed by the hash of this script and the config, so
-# a second run with the same inputs does nothing. Prints the output dir.
+# Outputs go to a cache keyed by the hash of the config and the recipe
+# version below, so a second run with the same inputs does nothing. Prints
+# the output dir.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}/kernel
-key=$(cat "$here/guest.config" "$here/build.sh" | sha256sum | cut -c1-16)
+# Bump when a change to this script changes what it builds.
+recipe=1
+key=$( (cat "$here/guest.config"; echo "recipe $recipe") | sha256sum | cut -c1-16)
 out=$cache/$key
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   echo "$out"
   exit 0
 fi
 
-packages=(linux-source-6.12 bc bison flex libelf-dev libssl-dev xz-utils make gcc)
-missing=()
-for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$here/../scripts/apt-install.sh" linux-source-6.12 bc bison flex libelf-dev libssl-dev xz-utils make gcc
 
 src=$cache/linux-source-6.12
 if [ ! -f "$src/Makefile" ]; then

@@ -16,9 +16,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use sandbox_vmm::{
     builder::MicroVmBuilder,
     snapshot::{self, MicroVmState, RestoreMode, SnapshotFiles},
-    MicroVm, MicroVmConfig,
+    MicroVm,
 };
-use support::{build_payload, PortRecorder, RecorderDevice, SharedConsole, TEST_PORT, TEST_PORT_LEN};
+use support::{start_payload, PortRecorder, RecorderDevice, SharedConsole, TEST_PORT, TEST_PORT_LEN};
 use vm_memory::{Bytes, GuestAddress};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -61,18 +61,7 @@ const COUNTER_BODY: &str = r#"
 const COUNTER: u64 = 0x50_0000;
 
 fn snapshot_payload(dir: &Path, body: &str) -> SnapshotFiles {
-    let config = MicroVmConfig {
-        kernel: build_payload(body),
-        cmdline: String::new(),
-        memory_mib: 256,
-        vcpus: 1,
-        console: Box::new(SharedConsole::default()),
-        virtio: Vec::new(),
-    };
-    let mut builder = MicroVmBuilder::new(config).unwrap();
-    let ports = Arc::new(PortRecorder::default());
-    builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(ports.clone())))).unwrap();
-    let mut vm = builder.start().unwrap();
+    let (mut vm, ports, _) = start_payload(body, 256, 1, |_| {});
     ports.wait_for_writes(1, WAIT);
     std::thread::sleep(Duration::from_millis(10));
     vm.pause().unwrap();

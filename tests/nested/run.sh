@@ -13,15 +13,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
 timeout_s=${NESTED_TIMEOUT:-2700}
 
-missing=()
-for package in qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio kmod xz-utils; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+scripts/apt-install.sh qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio kmod xz-utils
 export PATH="$HOME/.cargo/bin:$PATH"
 
 kernel_dir=$(kernel-config/build.sh)

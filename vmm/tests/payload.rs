@@ -9,8 +9,8 @@ use std::{
     time::Duration,
 };
 
-use sandbox_vmm::{builder::MicroVmBuilder, MicroVm, MicroVmConfig, VmExit};
-use support::{build_payload, PortRecorder, RecorderDevice, SharedConsole, TEST_PORT, TEST_PORT_LEN};
+use sandbox_vmm::{builder::MicroVmBuilder, MicroVm, VmExit};
+use support::{start_payload, PortRecorder, RecorderDevice, SharedConsole};
 use vm_memory::{Bytes, GuestAddress};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -25,21 +25,12 @@ struct Harness {
 }
 
 fn start(body: &str, vcpus: u8, before_start: impl FnOnce(&mut MicroVmBuilder)) -> Harness {
-    let console = SharedConsole::default();
-    let config = MicroVmConfig {
-        kernel: build_payload(body),
-        cmdline: "console=ttyS0".into(),
-        memory_mib: 64,
-        vcpus,
-        console: Box::new(console.clone()),
-        virtio: Vec::new(),
-    };
-    let mut builder = MicroVmBuilder::new(config).expect("build the microVM");
-    let (ports, mmio) = (Arc::new(PortRecorder::default()), Arc::new(PortRecorder::default()));
-    builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(ports.clone())))).unwrap();
-    builder.add_mmio_device(MMIO_BASE, 0x1000, Arc::new(Mutex::new(RecorderDevice(mmio.clone())))).unwrap();
-    before_start(&mut builder);
-    Harness { vm: builder.start().expect("start the vCPUs"), ports, mmio, console }
+    let mmio = Arc::new(PortRecorder::default());
+    let (vm, ports, console) = start_payload(body, 64, vcpus, |builder| {
+        builder.add_mmio_device(MMIO_BASE, 0x1000, Arc::new(Mutex::new(RecorderDevice(mmio.clone())))).unwrap();
+        before_start(builder);
+    });
+    Harness { vm, ports, mmio, console }
 }
 
 fn read_u64(vm: &MicroVm, address: u64) -> u64 {

@@ -16,9 +16,9 @@ use std::{
 use sandbox_vmm::{
     builder::MicroVmBuilder,
     snapshot::{self, FormatError, RestoreMode, SnapshotError, SnapshotFiles},
-    MicroVm, MicroVmConfig, VmExit,
+    MicroVm, VmExit,
 };
-use support::{build_payload, PortRecorder, RecorderDevice, SharedConsole, TEST_PORT, TEST_PORT_LEN};
+use support::{start_payload, RecorderDevice, SharedConsole, TEST_PORT, TEST_PORT_LEN};
 use vm_memory::{Bytes, GuestAddress};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -71,18 +71,7 @@ fn pattern_intact(vm: &MicroVm) -> bool {
 /// Boots the payload, lets it write the pattern and count, pauses it and
 /// snapshots it. Returns the snapshot and the count at the pause.
 fn snapshot_running_payload(dir: &std::path::Path) -> (SnapshotFiles, u64) {
-    let config = MicroVmConfig {
-        kernel: build_payload(BODY),
-        cmdline: String::new(),
-        memory_mib: 128,
-        vcpus: 1,
-        console: Box::new(SharedConsole::default()),
-        virtio: Vec::new(),
-    };
-    let mut builder = MicroVmBuilder::new(config).unwrap();
-    let ports = Arc::new(PortRecorder::default());
-    builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(ports.clone())))).unwrap();
-    let mut vm = builder.start().unwrap();
+    let (mut vm, ports, _) = start_payload(BODY, 128, 1, |_| {});
     assert_eq!(ports.wait_for_writes(1, WAIT).len(), 1, "the pattern is written");
     wait_for_counter_above(&vm, 1000);
     vm.pause().unwrap();

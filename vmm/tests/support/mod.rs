@@ -179,3 +179,27 @@ impl SharedConsole {
 pub fn kvm_available() -> bool {
     Path::new("/dev/kvm").exists()
 }
+
+/// Boots `body` as a payload VM of `memory_mib` with a [`PortRecorder`] on
+/// the test ports; `adjust` may add devices or options before it starts.
+pub fn start_payload(
+    body: &str,
+    memory_mib: u32,
+    vcpus: u8,
+    adjust: impl FnOnce(&mut sandbox_vmm::builder::MicroVmBuilder),
+) -> (sandbox_vmm::MicroVm, Arc<PortRecorder>, SharedConsole) {
+    let console = SharedConsole::default();
+    let config = sandbox_vmm::MicroVmConfig {
+        kernel: build_payload(body),
+        cmdline: String::new(),
+        memory_mib,
+        vcpus,
+        console: Box::new(console.clone()),
+        virtio: Vec::new(),
+    };
+    let mut builder = sandbox_vmm::builder::MicroVmBuilder::new(config).expect("build the payload VM");
+    let ports = Arc::new(PortRecorder::default());
+    builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(ports.clone())))).unwrap();
+    adjust(&mut builder);
+    (builder.start().expect("start the vCPUs"), ports, console)
+}
