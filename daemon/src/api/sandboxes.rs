@@ -1,6 +1,6 @@
 //! `sandbox.v1.Sandboxes`: lifecycle calls.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use sandbox_proto::api::{
     sandboxes_server::Sandboxes, CreateSandboxRequest, DeleteSandboxRequest, DeleteSandboxResponse,
@@ -10,7 +10,10 @@ use sandbox_proto::api::{
 use tonic::{Request, Response, Status};
 
 use super::{require_sandbox_id, ApiContext};
-use crate::auth;
+use crate::{
+    auth::{self, Caller},
+    manager::{SandboxError, SandboxManager},
+};
 
 pub struct SandboxesService(pub ApiContext);
 
@@ -40,35 +43,44 @@ impl Sandboxes for SandboxesService {
     }
 
     async fn delete(&self, request: Request<DeleteSandboxRequest>) -> Result<Response<DeleteSandboxResponse>, Status> {
-        let started = Instant::now();
         let caller = auth::caller(&request);
         let id = request.into_inner().id;
-        let result = match require_sandbox_id(&id) {
-            Ok(()) => self.0.manager.delete(&caller, &id).await.map_err(Status::from),
-            Err(status) => Err(status),
-        };
-        self.0.observe(&caller, &id, "Delete", started, result.map(|()| DeleteSandboxResponse {})).map(Response::new)
+        self.on_sandbox(caller, id, "Delete", |manager, caller, id| async move {
+            manager.delete(&caller, &id).await.map(|()| DeleteSandboxResponse {})
+        })
+        .await
     }
 
     async fn pause(&self, request: Request<PauseSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let started = Instant::now();
         let caller = auth::caller(&request);
         let id = request.into_inner().id;
-        let result = match require_sandbox_id(&id) {
-            Ok(()) => self.0.manager.pause(&caller, &id).await.map_err(Status::from),
-            Err(status) => Err(status),
-        };
-        self.0.observe(&caller, &id, "Pause", started, result).map(Response::new)
+        self.on_sandbox(caller, id, "Pause", |manager, caller, id| async move { manager.pause(&caller, &id).await }).await
     }
 
     async fn resume(&self, request: Request<ResumeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let started = Instant::now();
         let caller = auth::caller(&request);
         let id = request.into_inner().id;
+        self.on_sandbox(caller, id, "Resume", |manager, caller, id| async move { manager.resume(&caller, &id).await }).await
+    }
+}
+
+impl SandboxesService {
+    /// Checks the id, runs one lifecycle call on the manager, and audits it.
+    async fn on_sandbox<T, Fut>(
+        &self,
+        caller: Caller,
+        id: String,
+        operation: &'static str,
+        call: impl FnOnce(Arc<SandboxManager>, Caller, String) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        Fut: std::future::Future<Output = Result<T, SandboxError>>,
+    {
+        let started = Instant::now();
         let result = match require_sandbox_id(&id) {
-            Ok(()) => self.0.manager.resume(&caller, &id).await.map_err(Status::from),
+            Ok(()) => call(Arc::clone(&self.0.manager), caller.clone(), id.clone()).await.map_err(Status::from),
             Err(status) => Err(status),
         };
-        self.0.observe(&caller, &id, "Resume", started, result).map(Response::new)
+        self.0.observe(&caller, &id, operation, started, result).map(Response::new)
     }
 }
