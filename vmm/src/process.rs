@@ -10,8 +10,11 @@
 //! guest shuts down; vCPU threads and the control thread run under seccomp.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::{UnixListener, UnixStream},
+    io::{Read, Write},
+    os::{
+        fd::AsRawFd,
+        unix::net::{UnixListener, UnixStream},
+    },
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
     time::Duration,
@@ -153,10 +156,15 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
     serve(&mut vm, &listener)
 }
 
+/// How long the control loop waits for a request before it checks the guest.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest request line a client may send.
+const MAX_REQUEST: usize = 64 * 1024;
+
 /// Accepts control connections until shutdown or a guest exit.
 fn serve(vm: &mut MicroVm, listener: &UnixListener) -> Result<VmExit, VmmError> {
     loop {
-        if let Some(exit) = vm.wait_for_exit(Duration::from_millis(20)) {
+        if let Some(exit) = vm.wait_for_exit(POLL_INTERVAL) {
             return Ok(exit);
         }
         let Ok((stream, _)) = listener.accept() else { continue };
@@ -166,23 +174,50 @@ fn serve(vm: &mut MicroVm, listener: &UnixListener) -> Result<VmExit, VmmError> 
     }
 }
 
-/// Answers one client's requests; returns the exit if it asked to shut down.
-fn serve_client(vm: &mut MicroVm, stream: UnixStream) -> Option<VmExit> {
+/// Answers one client's requests (one JSON object a line) while watching
+/// the guest: returns the VM's exit when the guest ends or the client asks
+/// for shutdown, and None when the client leaves or misbehaves.
+fn serve_client(vm: &mut MicroVm, mut stream: UnixStream) -> Option<VmExit> {
     let _ = stream.set_nonblocking(false);
-    let mut writer = stream.try_clone().ok()?;
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return None };
-        let (reply, exit) = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Shutdown) => (serde_json::json!({ "ok": true }), Some(vm.stop())),
-            Ok(request) => (answer(vm, request), None),
-            Err(error) => (serde_json::json!({ "ok": false, "error": format!("malformed request: {error}") }), None),
-        };
-        let _ = writeln!(writer, "{reply}");
-        if exit.is_some() {
-            return exit;
+    let mut pending = Vec::new();
+    loop {
+        if let Some(exit) = vm.wait_for_exit(Duration::ZERO) {
+            return Some(exit);
+        }
+        if !readable(&stream, POLL_INTERVAL) {
+            continue;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(count) => pending.extend_from_slice(&chunk[..count]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+        while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let (reply, exit) = match serde_json::from_slice::<Request>(&line[..end]) {
+                Ok(Request::Shutdown) => (serde_json::json!({ "ok": true }), Some(vm.stop())),
+                Ok(request) => (answer(vm, request), None),
+                Err(error) => (serde_json::json!({ "ok": false, "error": format!("malformed request: {error}") }), None),
+            };
+            let replied = writeln!(stream, "{reply}").is_ok();
+            if exit.is_some() || !replied {
+                return exit;
+            }
+        }
+        if pending.len() > MAX_REQUEST {
+            return None;
         }
     }
-    None
+}
+
+/// Waits up to `timeout` for `stream` to have data (or to be closed).
+fn readable(stream: &UnixStream, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for an fd that `stream` keeps open.
+    unsafe { libc::poll(&mut poll, 1, millis) > 0 }
 }
 
 fn answer(vm: &mut MicroVm, request: Request) -> serde_json::Value {

@@ -257,6 +257,10 @@ struct Handler {
 
 impl Handler {
     fn run(mut self) {
+        let confined = crate::seccomp::filter(crate::seccomp::ThreadKind::Uffd).and_then(|p| crate::seccomp::apply(&p));
+        if let Err(error) = confined {
+            self.fail(format!("cannot confine the fault handler: {error}"));
+        }
         let mut watched = [
             libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.stop_fd, events: libc::POLLIN, revents: 0 },

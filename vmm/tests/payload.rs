@@ -171,3 +171,38 @@ fn i8042_reset_shuts_the_vm_down() {
     let mut h = start(body, 1, |_| {});
     assert_eq!(h.vm.wait_for_exit(WAIT), Some(VmExit::Reset));
 }
+
+#[test]
+fn pause_completes_an_in_flight_port_read() {
+    // Each IN returns the number of reads the device has answered; a
+    // paused vCPU must hold the answer to its last IN in %eax, never sit
+    // before an IN the device already answered (a restore would repeat it).
+    let body = r#"
+    1:  in $0x20, %eax
+        jmp 1b
+    "#;
+    let reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let device = Arc::new(Mutex::new(CountingReads(reads.clone())));
+    let mut h = start(body, 1, |builder| builder.add_pio_device(0x20, 4, device).unwrap());
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(5));
+        h.vm.pause().unwrap();
+        let regs = h.vm.vcpus()[0].run_on_vcpu(|fd| fd.get_regs().unwrap()).unwrap();
+        assert_eq!(regs.rax as u32, reads.load(std::sync::atomic::Ordering::SeqCst), "the last IN completed before the vCPU parked");
+        h.vm.resume();
+    }
+    h.vm.stop();
+}
+
+/// Answers each read with how many reads it has answered.
+struct CountingReads(Arc<std::sync::atomic::AtomicU32>);
+
+impl sandbox_vmm::devices::bus::BusDevice for CountingReads {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        let answered = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let len = data.len().min(4);
+        data[..len].copy_from_slice(&answered.to_le_bytes()[..len]);
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}

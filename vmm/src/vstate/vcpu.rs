@@ -163,6 +163,9 @@ pub struct VcpuHandle {
 
 enum Step {
     Continue,
+    /// A port I/O or MMIO exit was handled: KVM finishes the instruction
+    /// (writes a read's result, advances rip) only on the next KVM_RUN.
+    IoHandled,
     Exit(VmExit),
 }
 
@@ -191,13 +194,18 @@ impl Vcpu {
             }
         }
         control.set_state(RunState::Running);
+        let mut io_in_flight = false;
         while !control.stop.load(Ordering::Acquire) {
             if control.pause.load(Ordering::Acquire) {
+                if std::mem::take(&mut io_in_flight) {
+                    self.complete_io();
+                }
                 park(control, &self.fd);
                 continue;
             }
             match self.step(counters) {
-                Step::Continue => {}
+                Step::Continue => io_in_flight = false,
+                Step::IoHandled => io_in_flight = true,
                 Step::Exit(exit) => {
                     self.exit.report(exit);
                     break;
@@ -207,31 +215,43 @@ impl Vcpu {
         control.set_state(RunState::Exited);
     }
 
+    /// Re-enters KVM_RUN with immediate_exit set, so KVM completes the
+    /// instruction of the I/O exit just handled and returns at once without
+    /// running guest code. Until then a read's result lives only in
+    /// kvm_run and rip still points at the instruction: vCPU state saved
+    /// from a parked thread would make a restored guest execute it again.
+    fn complete_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        // EINTR is the expected result; anything else shows on the next run.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     fn step(&mut self, counters: &ExitCounters) -> Step {
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 counters.pio.fetch_add(1, Ordering::Relaxed);
                 self.pio.write(u64::from(port), data);
-                Step::Continue
+                Step::IoHandled
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 counters.pio.fetch_add(1, Ordering::Relaxed);
                 if !self.pio.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
-                Step::Continue
+                Step::IoHandled
             }
             Ok(VcpuExit::MmioRead(address, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !self.mmio.read(address, data) {
                     data.fill(0);
                 }
-                Step::Continue
+                Step::IoHandled
             }
             Ok(VcpuExit::MmioWrite(address, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
                 self.mmio.write(address, data);
-                Step::Continue
+                Step::IoHandled
             }
             Ok(VcpuExit::Hlt) => Step::Exit(VmExit::Halted),
             Ok(VcpuExit::Shutdown) => Step::Exit(VmExit::Shutdown),
