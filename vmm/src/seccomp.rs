@@ -24,6 +24,8 @@ pub enum ThreadKind {
     Vcpu,
     Control,
     Uffd,
+    /// The vsock device's event loop (host unix streams).
+    Vsock,
 }
 
 /// Calls every thread needs: memory, futexes, signals, exit, time, logging.
@@ -89,6 +91,17 @@ const VCPU: &[i64] = &[
     libc::SYS_recvfrom,
 ];
 
+/// The vsock event loop accepts and reads host unix streams.
+const VSOCK: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+];
+
 /// The uffd handler polls its fds.
 const UFFD: &[i64] = &[libc::SYS_poll, libc::SYS_ppoll];
 
@@ -106,15 +119,17 @@ const UFFDIO: u64 = 0xaa;
 
 /// Compiles the allow-list of `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    let (name, extra, ioctl_kind): (&'static str, &[i64], u64) = match kind {
-        ThreadKind::Vcpu => ("vcpu", VCPU, KVMIO),
-        ThreadKind::Control => ("control", CONTROL, KVMIO),
-        ThreadKind::Uffd => ("uffd", UFFD, UFFDIO),
+    let (name, extra, ioctl_kind): (&'static str, &[i64], Option<u64>) = match kind {
+        ThreadKind::Vcpu => ("vcpu", VCPU, Some(KVMIO)),
+        ThreadKind::Control => ("control", CONTROL, Some(KVMIO)),
+        ThreadKind::Uffd => ("uffd", UFFD, Some(UFFDIO)),
+        // The vsock thread makes no KVM ioctls; only FIONBIO below.
+        ThreadKind::Vsock => ("vsock", VSOCK, None),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().chain(extra).map(|&nr| (nr, Vec::new())).collect();
-    let mut ioctls = vec![ioctl_of_type(ioctl_kind, name)?];
-    if matches!(kind, ThreadKind::Control) {
-        // Switching a control connection to blocking mode.
+    let mut ioctls = ioctl_kind.map(|kind| ioctl_of_type(kind, name)).transpose()?.into_iter().collect::<Vec<_>>();
+    if matches!(kind, ThreadKind::Control | ThreadKind::Vsock) {
+        // Switching a connection between blocking and non-blocking mode.
         let fionbio = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)
             .and_then(|condition| SeccompRule::new(vec![condition]))
             .map_err(|e| SeccompError::Build(name, e.to_string()))?;

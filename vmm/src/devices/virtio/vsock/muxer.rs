@@ -391,7 +391,13 @@ pub fn spawn_event_loop(muxer: Arc<Mutex<Muxer>>, stop: EventFd) -> Result<JoinH
         guard.epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
         Arc::clone(&guard.epoll)
     };
+    let filter = crate::seccomp::filter(crate::seccomp::ThreadKind::Vsock).map_err(|e| VirtioError::Io(std::io::Error::other(e.to_string())))?;
     let thread = std::thread::Builder::new().name("vsock".into()).spawn(move || {
+        if let Err(error) = crate::seccomp::apply(&filter) {
+            // Never serve host streams unconfined; the device stays silent.
+            eprintln!("sandbox-vmm: the vsock thread cannot install its seccomp filter: {error}");
+            return;
+        }
         let mut events = vec![EpollEvent::default(); 32];
         loop {
             let Ok(count) = epoll_fd.wait(-1, &mut events) else { continue };
