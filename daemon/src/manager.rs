@@ -162,11 +162,6 @@ impl SandboxManager {
         self.backend.kind().as_str()
     }
 
-    /// Guests ready in the warm pool of `template`.
-    pub fn pool_ready(&self, template: &str) -> usize {
-        self.pools.get(template).map_or(0, |pool| pool.ready_count())
-    }
-
     pub async fn create(&self, caller: &Caller, request: api::CreateSandboxRequest) -> Result<api::Sandbox, SandboxError> {
         let started = std::time::Instant::now();
         let template = if request.template.is_empty() { "default".to_string() } else { request.template };

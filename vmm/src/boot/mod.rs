@@ -19,7 +19,7 @@ use linux_loader::{
         load_cmdline, BzImage, KernelLoader,
     },
 };
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 pub use layout::*;
 
@@ -117,9 +117,4 @@ pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u8, vcpu_count: u8, entry: G
     regs::set_sregs(vcpu).map_err(fail("set the segment registers"))?;
     regs::set_fpu(vcpu).map_err(fail("set the FPU"))?;
     regs::set_lapic(vcpu).map_err(fail("set the local APIC"))
-}
-
-/// Reads a guest-physical u64 (used by tests and diagnostics).
-pub fn read_u64(memory: &GuestMemory, address: u64) -> Option<u64> {
-    memory.read_obj(GuestAddress(address)).ok()
 }

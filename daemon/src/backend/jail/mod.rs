@@ -54,13 +54,6 @@ pub struct JailSpec {
     pub command: Option<Vec<String>>,
 }
 
-/// Memory and process use of a jail.
-#[derive(Clone, Copy, Debug)]
-pub struct JailStats {
-    pub memory_bytes: u64,
-    pub processes: usize,
-}
-
 /// A running jail. Dropping it destroys it.
 #[derive(Debug)]
 pub struct Jail {
@@ -138,11 +131,6 @@ impl Jail {
         self.state_dir.join("run").join("agent.sock")
     }
 
-    /// Host directory of the jail.
-    pub fn state_dir(&self) -> &Path {
-        &self.state_dir
-    }
-
     /// What the launcher logged (setup errors, the agent's log).
     pub fn log(&self) -> String {
         fs::read_to_string(self.state_dir.join("jail.log")).unwrap_or_default()
@@ -158,10 +146,6 @@ impl Jail {
 
     pub fn set_limits(&self, limits: &JailLimits) -> Result<(), JailError> {
         Ok(self.cgroup.set_limits(limits)?)
-    }
-
-    pub fn stats(&self) -> JailStats {
-        JailStats { memory_bytes: self.cgroup.memory_bytes(), processes: self.cgroup.pids().len() }
     }
 
     /// Whether the jail's init is still running.

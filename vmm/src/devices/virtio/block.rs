@@ -10,7 +10,6 @@ use std::{
     sync::Arc,
 };
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
 use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK};
@@ -45,12 +44,6 @@ pub struct CowDisk {
     size: u64,
 }
 
-/// What a snapshot keeps of a CoW disk (the overlay file stays on disk).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CowDiskState {
-    pub written: Vec<u64>,
-}
-
 impl CowDisk {
     /// Opens `base` read-only and `overlay` (created sparse if missing);
     /// the written-cluster bitmap is kept next to the overlay.
@@ -73,10 +66,6 @@ impl CowDisk {
 
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    pub fn state(&self) -> CowDiskState {
-        CowDiskState { written: self.written.clone() }
     }
 
     fn is_written(&self, cluster: u64) -> bool {

@@ -58,11 +58,6 @@ impl MmioTransport {
         }
     }
 
-    /// The driver's status register (for diagnostics and tests).
-    pub fn status(&self) -> u32 {
-        self.status
-    }
-
     fn offered_features(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1
     }
