@@ -109,7 +109,11 @@ pub fn set_msrs(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
     .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
-    vcpu.set_msrs(&msrs).map(drop)
+    // KVM stops at the first MSR it refuses and returns how many it set.
+    match vcpu.set_msrs(&msrs)? {
+        set if set == entries.len() => Ok(()),
+        _ => Err(kvm_ioctls::Error::new(libc::EINVAL)),
+    }
 }
 
 /// Routes LINT0 as ExtINT (the PIC) and LINT1 as NMI.
