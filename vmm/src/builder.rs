@@ -16,7 +16,7 @@ use crate::{
     devices::{
         bus::{Bus, BusDevice, BusError},
         i8042::{I8042, I8042_LEN, I8042_PORT},
-        serial::{SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT},
+        serial::{SerialConsole, SerialConsoleState, SerialError, COM1_GSI, COM1_LEN, COM1_PORT},
         virtio::{
             mmio::{self, MmioTransport, MMIO_LEN},
             Interrupt, VirtioDevice,
@@ -54,6 +54,8 @@ pub enum MicroVmError {
     Restore(#[from] StateError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
 }
 
 /// What to boot.
@@ -74,6 +76,9 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Interrupt line of the first virtio-mmio slot.
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
 
+/// The serial console, writing to whatever sink the VM was given.
+type Console = SerialConsole<Box<dyn Write + Send>>;
+
 /// How the vCPUs get their first state.
 enum VcpuInit {
     /// Boot the kernel; optionally every vCPU at its entry point.
@@ -89,6 +94,7 @@ pub struct MicroVmBuilder {
     restored: Option<RestoredMemory>,
     init: VcpuInit,
     vcpu_seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    serial: Arc<Mutex<Console>>,
     pio: Bus,
     mmio: Bus,
     exit: Arc<ExitSignal>,
@@ -110,7 +116,7 @@ impl MicroVmBuilder {
         }
         boot::write_boot_data(&memory, &kernel, cmdline.trim())?;
         let init = VcpuInit::Boot { kernel, count: config.vcpus, all_at_entry: false };
-        let mut builder = Self::with_devices(Vm::new(memory)?, None, init, config.console)?;
+        let mut builder = Self::with_devices(Vm::new(memory)?, None, init, config.console, None)?;
         for (slot, device) in config.virtio.into_iter().enumerate() {
             builder.add_virtio_device(slot as u64, device)?;
         }
@@ -130,16 +136,38 @@ impl MicroVmBuilder {
     pub fn restore(state: Arc<MicroVmState>, memory: RestoredMemory, console: Box<dyn Write + Send>) -> Result<Self, MicroVmError> {
         let vm = Vm::new(memory.memory().clone())?;
         state.vm.restore(vm.fd())?;
-        Self::with_devices(vm, Some(memory), VcpuInit::Restore(state), console)
+        let serial = Some(state.serial.clone());
+        Self::with_devices(vm, Some(memory), VcpuInit::Restore(state), console, serial)
     }
 
-    /// Adds the serial console and the i8042.
-    fn with_devices(vm: Vm, restored: Option<RestoredMemory>, init: VcpuInit, console: Box<dyn Write + Send>) -> Result<Self, MicroVmError> {
-        let exit = Arc::new(ExitSignal::default());
-        let mut builder = Self { vm, restored, init, vcpu_seccomp: None, pio: Bus::default(), mmio: Bus::default(), exit };
+    /// Adds the serial console (continuing from `serial_state` after a
+    /// restore) and the i8042.
+    fn with_devices(
+        vm: Vm,
+        restored: Option<RestoredMemory>,
+        init: VcpuInit,
+        console: Box<dyn Write + Send>,
+        serial_state: Option<SerialConsoleState>,
+    ) -> Result<Self, MicroVmError> {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MicroVmError::EventFd)?;
-        builder.vm.register_irqfd(&serial_irq, COM1_GSI)?;
-        builder.add_pio_device(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(SerialConsole::new(serial_irq, console))))?;
+        vm.register_irqfd(&serial_irq, COM1_GSI)?;
+        let serial = match serial_state {
+            Some(state) => SerialConsole::from_state(&state, serial_irq, console)?,
+            None => SerialConsole::new(serial_irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let exit = Arc::new(ExitSignal::default());
+        let mut builder = Self {
+            vm,
+            restored,
+            init,
+            vcpu_seccomp: None,
+            serial: Arc::clone(&serial),
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            exit,
+        };
+        builder.add_pio_device(COM1_PORT, COM1_LEN, serial)?;
         let i8042 = I8042::new(Arc::clone(&builder.exit));
         builder.add_pio_device(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
         Ok(builder)
@@ -211,7 +239,7 @@ impl MicroVmBuilder {
             };
             handles.push(vcpu.start(paused)?);
         }
-        Ok(MicroVm { vm: self.vm, restored: self.restored, vcpus: handles, exit: self.exit })
+        Ok(MicroVm { vm: self.vm, restored: self.restored, serial: self.serial, vcpus: handles, exit: self.exit })
     }
 }
 
@@ -219,6 +247,7 @@ impl MicroVmBuilder {
 pub struct MicroVm {
     vm: Vm,
     restored: Option<RestoredMemory>,
+    serial: Arc<Mutex<Console>>,
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
 }
@@ -230,6 +259,11 @@ impl MicroVm {
 
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// The serial console's registers and pending input.
+    pub fn serial_state(&self) -> SerialConsoleState {
+        self.serial.lock().unwrap_or_else(|p| p.into_inner()).state()
     }
 
     /// The userfaultfd handler serving this VM's memory, if it has one.

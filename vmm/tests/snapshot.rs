@@ -27,8 +27,9 @@ const PATTERN_LEN: u64 = 64 << 20;
 const COUNTER: u64 = 0x50_0000;
 const MAGIC: u64 = 0x5a5a_0000_0000_0000;
 
-/// Fills [16 MiB, 80 MiB) with address ^ MAGIC, reports on port 0x10, then
-/// counts at 0x500000 forever.
+/// Fills [16 MiB, 80 MiB) with address ^ MAGIC, sets the serial console's
+/// scratch register to 0x5a, reports on port 0x10, then counts at 0x500000
+/// forever.
 const BODY: &str = r#"
     mov $0x1000000, %rdi
     mov $0x5000000, %rsi
@@ -39,6 +40,9 @@ const BODY: &str = r#"
     add $8, %rdi
     cmp %rsi, %rdi
     jb 1b
+    mov $0x3ff, %dx
+    mov $0x5a, %al
+    out %al, %dx
     out %al, $0x10
     xor %rbx, %rbx
 2:  inc %rbx
@@ -104,6 +108,7 @@ fn restore_continues_exactly_in_both_memory_modes() {
     for mode in [RestoreMode::MapPrivate, RestoreMode::Uffd { prefetch: Vec::new(), record: false }] {
         let mut vm = restore(&files, mode);
         assert_eq!(counter(&vm), paused_at, "the restored counter is where it was paused");
+        assert_eq!(vm.serial_state().registers[8], 0x5a, "the serial console's scratch register came back");
         vm.resume();
         wait_for_counter_above(&vm, paused_at);
         vm.pause().unwrap();

@@ -1,5 +1,6 @@
 //! Snapshots of a paused microVM and their restore. A snapshot is two
-//! files: `state` (versioned, checksummed: VM and vCPU state) and `memory`
+//! files: `state` (versioned, checksummed: VM, vCPU and serial console
+//! state) and `memory`
 //! (guest RAM, sparse: zero pages are holes). Restore maps the memory file
 //! privately (copy-on-write, page cache shared by every clone) or serves it
 //! lazily through userfaultfd, optionally prefetching a recorded working set.
@@ -21,6 +22,7 @@ pub use state::{StateError, VcpuState, VmState};
 
 use crate::{
     builder::MicroVm,
+    devices::serial::SerialConsoleState,
     uffd::{UffdError, UffdMemory},
     vstate::{
         memory::{map_file, GuestMemory, MemoryError},
@@ -56,6 +58,7 @@ pub struct MicroVmState {
     pub memory_bytes: u64,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
+    pub serial: SerialConsoleState,
 }
 
 /// Where a snapshot's files are.
@@ -82,7 +85,7 @@ pub fn create(vm: &MicroVm, files: &SnapshotFiles) -> Result<(), SnapshotError> 
         vcpus.push(vcpu.run_on_vcpu(move |fd| VcpuState::save(fd, &indices)).map_err(not_paused)??);
     }
     let memory_bytes = write_memory(vm.memory(), &files.memory)?;
-    let state = MicroVmState { memory_bytes, vm: VmState::save(vm.vm().fd())?, vcpus };
+    let state = MicroVmState { memory_bytes, vm: VmState::save(vm.vm().fd())?, vcpus, serial: vm.serial_state() };
     let encoded = format::encode(&state)?;
     let partial = files.state.with_extension("partial");
     std::fs::write(&partial, encoded).map_err(io_error("write", &partial))?;
