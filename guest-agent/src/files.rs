@@ -127,6 +127,8 @@ pub async fn make_dir(path: &Path, parents: bool, mode: u32) -> Result<FileInfo,
     let mut builder = fs::DirBuilder::new();
     builder.recursive(parents).mode(mode);
     builder.create(path).await.map_err(|e| io_status(path, "create directory", e))?;
+    // The umask narrowed the mode given at creation; apply it as asked.
+    fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).await.map_err(|e| io_status(path, "chmod", e))?;
     info(path).await
 }
 
@@ -191,6 +193,9 @@ pub async fn upload(mut stream: Streaming<UploadRequest>) -> Result<FileInfo, St
     }
     let mode = if header.mode == 0 { 0o644 } else { header.mode & 0o7777 };
     file.set_permissions(std::fs::Permissions::from_mode(mode)).await.map_err(|e| io_status(&target, "chmod", e))?;
+    // flush reports the error of a write still in flight (a full disk);
+    // sync_all alone would swallow it.
+    file.flush().await.map_err(|e| io_status(&target, "write", e))?;
     file.sync_all().await.map_err(|e| io_status(&target, "sync", e))?;
     drop(file);
     staging.commit().await?;

@@ -122,8 +122,29 @@ pub struct SpawnOptions {
     pub fd3: Option<OwnedFd>,
 }
 
+/// Checks that `program` names an executable file, directly or on `path`.
+/// Done before forking: a failed exec in the child would be reaped by the
+/// central reaper and could leave the spawner waiting on a child it lost.
+fn require_program(program: &str, path: &str, cwd: &str) -> Result<(), Status> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |candidate: &Path| {
+        std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(&Path::new(cwd).join(program))
+    } else {
+        path.split(':').any(|dir| executable(&Path::new(dir).join(program)))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(spawn_error(program, std::io::Error::from(std::io::ErrorKind::NotFound)))
+    }
+}
+
 /// Starts `spec` in a new session; returns its stdin and the rest.
 pub fn spawn(reaper: &Reaper, spec: &ProcessSpec, options: SpawnOptions) -> Result<(Input, Running), Status> {
+    require_program(&spec.argv[0], spec.env.get("PATH").map_or(DEFAULT_PATH, String::as_str), &spec.cwd)?;
     let terminal = options.pty.is_some();
     let mut command = spec.command(terminal);
     let master = match options.pty {

@@ -22,23 +22,34 @@ use crate::{
 /// Output kept per stream; the rest is dropped with a note on stderr.
 const OUTPUT_CAP: usize = 16 * 1024 * 1024;
 
-const PYTHON_PRELUDE: &str = "import json as _sandbox_json, os as _sandbox_os\n\
-def __return__(value):\n    _sandbox_os.write(3, (_sandbox_json.dumps(value) + '\\n').encode())\n";
+/// Python runs the user's file through this bootstrap, which installs
+/// `__return__` as a builtin: the file stays untouched, so `from __future__`
+/// imports and traceback line numbers work.
+const PYTHON_BOOTSTRAP: &str = "import builtins, json, os, runpy, sys\n\
+def __return__(value):\n    os.write(3, (json.dumps(value) + '\\n').encode())\n\
+builtins.__return__ = __return__\n\
+sys.argv = sys.argv[1:]\n\
+runpy.run_path(sys.argv[0], run_name='__main__')\n";
 const NODE_PRELUDE: &str =
     "const __return__ = (value) => require('fs').writeSync(3, JSON.stringify(value) + '\\n');\n";
 const SH_PRELUDE: &str = "__return__() { printf '%s' \"$1\" | tr '\\n' ' ' >&3; printf '\\n' >&3; }\n";
 
 struct Interpreter {
     program: &'static str,
+    /// Arguments before the script's path.
+    args: &'static [&'static str],
+    /// Code written into the script before the user's.
     prelude: &'static str,
     extension: &'static str,
 }
 
 fn interpreter(language: i32) -> Result<Interpreter, Status> {
     match Language::try_from(language) {
-        Ok(Language::Python) => Ok(Interpreter { program: "python3", prelude: PYTHON_PRELUDE, extension: "py" }),
-        Ok(Language::Node) => Ok(Interpreter { program: "node", prelude: NODE_PRELUDE, extension: "js" }),
-        Ok(Language::Sh) => Ok(Interpreter { program: "sh", prelude: SH_PRELUDE, extension: "sh" }),
+        Ok(Language::Python) => {
+            Ok(Interpreter { program: "python3", args: &["-c", PYTHON_BOOTSTRAP], prelude: "", extension: "py" })
+        }
+        Ok(Language::Node) => Ok(Interpreter { program: "node", args: &[], prelude: NODE_PRELUDE, extension: "js" }),
+        Ok(Language::Sh) => Ok(Interpreter { program: "sh", args: &[], prelude: SH_PRELUDE, extension: "sh" }),
         _ => Err(Status::invalid_argument(
             "language is not set or unknown: use LANGUAGE_PYTHON, LANGUAGE_NODE or LANGUAGE_SH",
         )),
@@ -90,7 +101,11 @@ async fn run_script(
     timeout_ms: u64,
 ) -> Result<RunCodeResponse, Status> {
     let spec = ProcessSpec {
-        argv: vec![interpreter.program.to_string(), script.display().to_string()],
+        argv: std::iter::once(interpreter.program)
+            .chain(interpreter.args.iter().copied())
+            .map(String::from)
+            .chain(std::iter::once(script.display().to_string()))
+            .collect(),
         env,
         cwd: if Path::new("/home/user").is_dir() { "/home/user".into() } else { "/".into() },
         timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
@@ -109,10 +124,11 @@ async fn run_script(
     drop(input);
     let supervisor = tokio::spawn(process::supervise(running, spec.timeout, events_tx));
     let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+    let (mut stdout_cut, mut stderr_cut) = (false, false);
     while let Some(event) = events_rx.recv().await {
         match event?.event {
-            Some(Event::Stdout(data)) => append_capped(&mut stdout, &data),
-            Some(Event::Stderr(data)) => append_capped(&mut stderr, &data),
+            Some(Event::Stdout(data)) => stdout_cut |= append_capped(&mut stdout, &data),
+            Some(Event::Stderr(data)) => stderr_cut |= append_capped(&mut stderr, &data),
             Some(Event::Exit(status)) => exit = Some(status),
             Some(Event::Started(_)) | None => {}
         }
@@ -123,13 +139,21 @@ async fn run_script(
         Ok(Ok(text)) => text,
         _ => String::new(),
     };
+    for (cut, stream) in [(stdout_cut, "stdout"), (stderr_cut, "stderr")] {
+        if cut {
+            let note = format!("\nsandbox: {stream} was cut at {} MiB; write large output to a file and download it\n", OUTPUT_CAP >> 20);
+            stderr.extend_from_slice(note.as_bytes());
+        }
+    }
     let result_json = validated_json(&returned, &mut stderr);
     Ok(RunCodeResponse { stdout: stdout.into(), stderr: stderr.into(), exit, result_json })
 }
 
-fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) {
+/// Keeps output up to the cap; returns whether anything was dropped.
+fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) -> bool {
     let room = OUTPUT_CAP.saturating_sub(buffer.len());
     buffer.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() > room
 }
 
 /// Reads every value handed to `__return__`; keeps the last line.

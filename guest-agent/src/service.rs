@@ -119,19 +119,20 @@ fn clamp(value: u32, default: u16) -> u16 {
 }
 
 /// Applies a Connect stream's stdin, resizes and signals to the process.
+/// Stdin is written by a task of its own, so a process that does not read
+/// its input never holds up a signal, a resize or close_stdin.
 async fn forward_input(
     mut inbound: Streaming<ConnectRequest>,
     input: Input,
     pid: i32,
     pty: Option<std::sync::Arc<crate::pty::PtyMaster>>,
 ) {
-    let mut input = Some(input);
+    let (stdin, pending) = mpsc::unbounded_channel();
+    tokio::spawn(write_stdin(input, pending));
     while let Ok(Some(message)) = inbound.message().await {
         match message.input {
             Some(ConnectInput::Stdin(data)) => {
-                if let Some(sink) = input.as_mut() {
-                    let _ = sink.write(&data).await;
-                }
+                let _ = stdin.send(StdinOp::Data(data));
             }
             Some(ConnectInput::Resize(size)) => {
                 if let Some(master) = &pty {
@@ -139,14 +140,32 @@ async fn forward_input(
                 }
             }
             Some(ConnectInput::Signal(signal)) => process::signal_group(pid, signal),
-            Some(ConnectInput::CloseStdin(true)) => match input.take() {
-                // On a terminal, end-of-file is the VEOF character (^D).
-                Some(mut sink @ Input::Pty(_)) => {
-                    let _ = sink.write(b"\x04").await;
-                }
-                Some(Input::Pipe(_)) | None => {}
-            },
+            Some(ConnectInput::CloseStdin(true)) => {
+                let _ = stdin.send(StdinOp::Close);
+            }
             Some(ConnectInput::CloseStdin(false) | ConnectInput::Start(_)) | None => {}
+        }
+    }
+}
+
+enum StdinOp {
+    Data(bytes::Bytes),
+    Close,
+}
+
+/// Writes queued stdin in order; on close, ends the input (^D on a terminal).
+async fn write_stdin(mut input: Input, mut pending: mpsc::UnboundedReceiver<StdinOp>) {
+    while let Some(op) = pending.recv().await {
+        match op {
+            StdinOp::Data(data) => {
+                let _ = input.write(&data).await;
+            }
+            StdinOp::Close => {
+                if matches!(input, Input::Pty(_)) {
+                    let _ = input.write(b"\x04").await;
+                }
+                return;
+            }
         }
     }
 }

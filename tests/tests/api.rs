@@ -296,3 +296,59 @@ async fn sandboxes_past_their_ttl_are_deleted() {
     }
     assert!(daemon.audit_log().lines().any(|l| l.contains(&id) && l.contains("\"Expire\"")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signals_reach_a_process_that_ignores_its_stdin() {
+    let daemon = Daemon::start(DaemonOptions::default()).await;
+    let mut api = daemon.clients(None).await;
+    let id = api.create(None).await;
+    let (input, rx) = tokio::sync::mpsc::channel(8);
+    let start = ConnectStart {
+        process: Some(ExecRequest { sandbox_id: id.clone(), argv: vec!["sleep".into(), "100".into()], ..Default::default() }),
+        pty: None,
+    };
+    input.send(ConnectRequest { input: Some(Input::Start(start)) }).await.unwrap();
+    // More stdin than a pipe holds, which `sleep` never reads.
+    input.send(ConnectRequest { input: Some(Input::Stdin(vec![b'x'; 1 << 20].into())) }).await.unwrap();
+    input.send(ConnectRequest { input: Some(Input::Signal(libc::SIGTERM)) }).await.unwrap();
+    let mut events = api.processes.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let exit = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(event) = events.message().await.unwrap() {
+            if let Some(Event::Exit(exit)) = event.event {
+                return exit;
+            }
+        }
+        panic!("the stream ended without an exit");
+    })
+    .await
+    .expect("SIGTERM arrived despite the unread stdin");
+    assert_eq!(exit.outcome, Some(sandbox_proto::api::exit_status::Outcome::Signal(libc::SIGTERM)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_future_imports_and_directory_modes_work() {
+    let daemon = Daemon::start(DaemonOptions::default()).await;
+    let mut api = daemon.clients(None).await;
+    let id = api.create(None).await;
+    let reply = api
+        .processes
+        .run_code(RunCodeRequest {
+            sandbox_id: id.clone(),
+            language: Language::Python as i32,
+            code: "from __future__ import annotations\nimport sys\n__return__(sys.argv[0].endswith('.py'))\n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.result_json, "true", "stderr: {}", String::from_utf8_lossy(&reply.stderr));
+    let missing = api.exec(&id, &["no-such-program"]).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let dir = api
+        .files
+        .make_dir(MakeDirRequest { sandbox_id: id.clone(), path: "/tmp/shared".into(), parents: false, mode: 0o777 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dir.mode & 0o777, 0o777, "the mode asked for, not narrowed by the umask");
+}
