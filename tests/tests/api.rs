@@ -294,7 +294,12 @@ async fn sandboxes_past_their_ttl_are_deleted() {
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    assert!(daemon.audit_log().lines().any(|l| l.contains(&id) && l.contains("\"Expire\"")));
+    // The audit line follows the sandbox's teardown, which may still be running.
+    let audited = || daemon.audit_log().lines().any(|l| l.contains(&id) && l.contains("\"Expire\""));
+    while !audited() {
+        assert!(tokio::time::Instant::now() < deadline, "no Expire record for {id} in the audit log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
