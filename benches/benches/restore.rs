@@ -74,7 +74,7 @@ fn snapshot_payload(dir: &Path, body: &str) -> SnapshotFiles {
 /// Restores a VM; returns it and the recorder of its ports.
 fn restore(files: &SnapshotFiles, state: &Arc<MicroVmState>, mode: RestoreMode) -> (MicroVm, Arc<PortRecorder>) {
     let memory = snapshot::restore_memory(files, state, mode).unwrap();
-    let mut builder = MicroVmBuilder::restore(Arc::clone(state), memory, Box::new(SharedConsole::default())).unwrap();
+    let mut builder = MicroVmBuilder::restore(Arc::clone(state), memory, Box::new(SharedConsole::default()), Vec::new()).unwrap();
     let ports = Arc::new(PortRecorder::default());
     builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(ports.clone())))).unwrap();
     (builder.start().unwrap(), ports)

@@ -59,6 +59,10 @@ fn run_vmm(config: &std::path::Path) -> std::process::ExitCode {
         }
     };
     match sandbox_vmm::process::run(config) {
+        Ok(exit) if exit.is_failure() => {
+            tracing::error!(?exit, "microVM failed");
+            std::process::ExitCode::FAILURE
+        }
         Ok(exit) => {
             tracing::info!(?exit, "microVM ended");
             std::process::ExitCode::SUCCESS

@@ -113,7 +113,7 @@ fn vmm_process_is_controlled_snapshotted_and_restored_in_a_fresh_process() {
     let mut clone = Vmm::start(&dir, "clone", restore);
     clone.wait_for_more_output(0);
     let stats = clone.request(serde_json::json!({ "op": "stats" }));
-    assert!(stats["uffd_faults"].as_u64().unwrap() > 0, "the restored guest's memory came through userfaultfd: {stats}");
+    assert!(stats["uffd"]["faults"].as_u64().unwrap() > 0, "the restored guest's memory came through userfaultfd: {stats}");
     assert_eq!(clone.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
     assert!(clone.child.wait().unwrap().success());
     std::fs::remove_dir_all(dir).unwrap();

@@ -12,13 +12,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     boot::{self, BootError, LoadedKernel},
-    snapshot::{MicroVmState, RestoredMemory, StateError},
+    snapshot::{persist::Persist, MicroVmState, RestoredMemory, StateError},
     devices::{
         bus::{Bus, BusDevice, BusError},
         i8042::{I8042, I8042_LEN, I8042_PORT},
         serial::{SerialConsole, SerialConsoleState, SerialError, COM1_GSI, COM1_LEN, COM1_PORT},
         virtio::{
-            mmio::{self, MmioTransport, MMIO_LEN},
+            mmio::{self, MmioError, MmioTransport, MmioTransportArgs, MMIO_LEN},
             Interrupt, VirtioDevice,
         },
     },
@@ -56,7 +56,14 @@ pub enum MicroVmError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error("the snapshot has {saved} virtio devices but the VM was given {given}: restore with the devices the snapshot was taken with")]
+    DeviceCount { saved: usize, given: usize },
+    #[error("cannot restore virtio slot {slot}: {source}")]
+    RestoreDevice { slot: usize, source: MmioError },
 }
+
+/// A virtio-mmio transport as the bus and the snapshot code share it.
+pub type SharedTransport = Arc<Mutex<MmioTransport>>;
 
 /// What to boot.
 pub struct MicroVmConfig {
@@ -97,6 +104,7 @@ pub struct MicroVmBuilder {
     serial: Arc<Mutex<Console>>,
     pio: Bus,
     mmio: Bus,
+    virtio: Vec<SharedTransport>,
     exit: Arc<ExitSignal>,
 }
 
@@ -118,26 +126,53 @@ impl MicroVmBuilder {
         let init = VcpuInit::Boot { kernel, count: config.vcpus, all_at_entry: false };
         let mut builder = Self::with_devices(Vm::new(memory)?, None, init, config.console, None)?;
         for (slot, device) in config.virtio.into_iter().enumerate() {
-            builder.add_virtio_device(slot as u64, device)?;
+            builder.add_virtio_device(slot as u64, device, None)?;
         }
         Ok(builder)
     }
 
-    /// Puts `device` on virtio-mmio slot `slot` with its irqfd.
-    fn add_virtio_device(&mut self, slot: u64, device: Box<dyn VirtioDevice>) -> Result<(), MicroVmError> {
+    /// Puts `device` on virtio-mmio slot `slot` with its irqfd, fresh or
+    /// continuing from `saved`.
+    fn add_virtio_device(
+        &mut self,
+        slot: u64,
+        device: Box<dyn VirtioDevice>,
+        saved: Option<&mmio::MmioTransportState>,
+    ) -> Result<(), MicroVmError> {
         let event = EventFd::new(libc::EFD_NONBLOCK).map_err(MicroVmError::EventFd)?;
         self.vm.register_irqfd(&event, VIRTIO_FIRST_IRQ + slot as u32)?;
-        let transport = MmioTransport::new(device, self.vm.memory().clone(), Interrupt::new(event));
-        self.add_mmio_device(VIRTIO_MMIO_BASE + slot * MMIO_LEN, MMIO_LEN, Arc::new(Mutex::new(transport)))
+        let args = MmioTransportArgs { device, memory: self.vm.memory().clone(), interrupt: Interrupt::new(event) };
+        let transport = match saved {
+            Some(state) => MmioTransport::restore(args, state)
+                .map_err(|source| MicroVmError::RestoreDevice { slot: slot as usize, source })?,
+            None => MmioTransport::new(args.device, args.memory, args.interrupt),
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        self.virtio.push(Arc::clone(&transport));
+        self.add_mmio_device(VIRTIO_MMIO_BASE + slot * MMIO_LEN, MMIO_LEN, transport)
     }
 
     /// Rebuilds a microVM from snapshot state and restored memory; its
-    /// vCPUs start paused.
-    pub fn restore(state: Arc<MicroVmState>, memory: RestoredMemory, console: Box<dyn Write + Send>) -> Result<Self, MicroVmError> {
+    /// vCPUs start paused. `virtio` must be the devices the snapshot was
+    /// taken with, in the same order (built anew from the VM's
+    /// configuration: their host-side resources are not in the snapshot).
+    pub fn restore(
+        state: Arc<MicroVmState>,
+        memory: RestoredMemory,
+        console: Box<dyn Write + Send>,
+        virtio: Vec<Box<dyn VirtioDevice>>,
+    ) -> Result<Self, MicroVmError> {
+        if virtio.len() != state.devices.len() {
+            return Err(MicroVmError::DeviceCount { saved: state.devices.len(), given: virtio.len() });
+        }
         let vm = Vm::new(memory.memory().clone())?;
         state.vm.restore(vm.fd())?;
         let serial = Some(state.serial.clone());
-        Self::with_devices(vm, Some(memory), VcpuInit::Restore(state), console, serial)
+        let mut builder = Self::with_devices(vm, Some(memory), VcpuInit::Restore(Arc::clone(&state)), console, serial)?;
+        for (slot, (device, saved)) in virtio.into_iter().zip(&state.devices).enumerate() {
+            builder.add_virtio_device(slot as u64, device, Some(saved))?;
+        }
+        Ok(builder)
     }
 
     /// Adds the serial console (continuing from `serial_state` after a
@@ -165,6 +200,7 @@ impl MicroVmBuilder {
             serial: Arc::clone(&serial),
             pio: Bus::default(),
             mmio: Bus::default(),
+            virtio: Vec::new(),
             exit,
         };
         builder.add_pio_device(COM1_PORT, COM1_LEN, serial)?;
@@ -239,7 +275,14 @@ impl MicroVmBuilder {
             };
             handles.push(vcpu.start(paused)?);
         }
-        Ok(MicroVm { vm: self.vm, restored: self.restored, serial: self.serial, vcpus: handles, exit: self.exit })
+        Ok(MicroVm {
+            vm: self.vm,
+            restored: self.restored,
+            serial: self.serial,
+            virtio: self.virtio,
+            vcpus: handles,
+            exit: self.exit,
+        })
     }
 }
 
@@ -248,6 +291,7 @@ pub struct MicroVm {
     vm: Vm,
     restored: Option<RestoredMemory>,
     serial: Arc<Mutex<Console>>,
+    virtio: Vec<SharedTransport>,
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
 }
@@ -264,6 +308,11 @@ impl MicroVm {
     /// The serial console's registers and pending input.
     pub fn serial_state(&self) -> SerialConsoleState {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).state()
+    }
+
+    /// The virtio-mmio transports, by slot.
+    pub fn virtio_transports(&self) -> &[SharedTransport] {
+        &self.virtio
     }
 
     /// The userfaultfd handler serving this VM's memory, if it has one.
@@ -292,9 +341,12 @@ impl MicroVm {
         }
     }
 
-    /// Waits up to `timeout` for the guest to exit on its own; stops every
-    /// vCPU once it has.
+    /// Waits up to `timeout` for the guest to exit on its own, or for its
+    /// memory to fail; stops every vCPU once it has.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<VmExit> {
+        if let Some(reason) = self.uffd().and_then(|uffd| uffd.failure()) {
+            self.exit.report(VmExit::MemoryUnavailable(reason));
+        }
         let exit = self.exit.wait(timeout)?;
         self.stop_vcpus();
         Some(exit)

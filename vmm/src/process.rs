@@ -3,7 +3,8 @@
 //! one JSON object per line:
 //!
 //! ```text
-//! {"op":"pause"} {"op":"resume"} {"op":"stats"} {"op":"snapshot","dir":"/path"} {"op":"shutdown"}
+//! {"op":"pause"} {"op":"resume"} {"op":"stats"} {"op":"snapshot","dir":"/path"}
+//! {"op":"working_set","path":"/path"} {"op":"shutdown"}
 //! ```
 //! Every request gets one reply line: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`. The process exits when asked to, or when the
@@ -15,7 +16,7 @@ use std::{
         fd::AsRawFd,
         unix::net::{UnixListener, UnixStream},
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     builder::{MicroVmBuilder, MicroVmError},
     devices::virtio::{
-        block::{Block, CowDisk},
+        block::{self, Block, CowDisk},
         vsock::Vsock,
         VirtioDevice,
     },
@@ -39,9 +40,19 @@ use crate::{
 pub struct VmmConfig {
     #[serde(flatten)]
     pub source: VmSource,
+    /// The root disk: a read-only base image with a copy-on-write overlay.
+    #[serde(default)]
+    pub drive: Option<DriveConfig>,
+    /// Host ↔ guest stream sockets.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// File the serial console is appended to.
     pub serial_log: PathBuf,
     pub control_socket: PathBuf,
+    /// For a restored VM: leave its vCPUs stopped until a `resume` request
+    /// (a warm-pool member). A booted VM always starts running.
+    #[serde(default)]
+    pub start_paused: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -52,16 +63,22 @@ pub enum VmSource {
         cmdline: String,
         memory_mib: u32,
         vcpus: u8,
-        /// The root disk: a read-only base image with a copy-on-write overlay.
-        #[serde(default)]
-        drive: Option<DriveConfig>,
-        /// Host ↔ guest stream sockets.
-        #[serde(default)]
-        vsock: Option<VsockConfig>,
     },
-    /// Restores a snapshot of a VM without virtio devices (their transport
-    /// state is not part of snapshots yet).
-    Restore { snapshot_dir: PathBuf, memory: MemoryMode },
+    /// Restores a snapshot. The VM must be given the devices the snapshot
+    /// was taken with; a drive's overlay that does not exist yet starts as
+    /// a copy of the snapshot's.
+    Restore {
+        snapshot_dir: PathBuf,
+        memory: MemoryMode,
+        /// A recorded working set (little-endian u64 offsets into the memory
+        /// file, in fault order) to copy in before the guest runs; uffd only.
+        #[serde(default)]
+        prefetch: Option<PathBuf>,
+        /// Record the order of the guest's page faults (uffd only), for the
+        /// `working_set` request.
+        #[serde(default)]
+        record_working_set: bool,
+    },
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -95,6 +112,8 @@ pub enum VmmError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("cannot open {what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -109,6 +128,7 @@ enum Request {
     Resume,
     Stats,
     Snapshot { dir: PathBuf },
+    WorkingSet { path: PathBuf },
     Shutdown,
 }
 
@@ -119,31 +139,30 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
         .append(true)
         .open(&config.serial_log)
         .map_err(io_error(config.serial_log.display().to_string()))?;
+    let snapshot_dir = match &config.source {
+        VmSource::Restore { snapshot_dir, .. } => Some(snapshot_dir.as_path()),
+        VmSource::Boot { .. } => None,
+    };
+    let virtio = virtio_devices(config.drive.as_ref(), config.vsock.as_ref(), snapshot_dir)?;
     let mut builder = match config.source {
-        VmSource::Boot { kernel, cmdline, memory_mib, vcpus, drive, vsock } => {
-            let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-            if let Some(drive) = drive {
-                let disk = CowDisk::open(&drive.base, &drive.overlay).map_err(io_error(drive.base.display().to_string()))?;
-                virtio.push(Box::new(Block::new(disk, drive.read_only, "rootfs")));
-            }
-            if let Some(vsock) = vsock {
-                let device = Vsock::new(vsock.guest_cid, vsock.uds.clone()).map_err(|e| VmmError::Io {
-                    what: vsock.uds.display().to_string(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                virtio.push(Box::new(device));
-            }
+        VmSource::Boot { kernel, cmdline, memory_mib, vcpus } => {
             MicroVmBuilder::new(MicroVmConfig { kernel, cmdline, memory_mib, vcpus, console: Box::new(console), virtio })?
         }
-        VmSource::Restore { snapshot_dir, memory } => {
+        VmSource::Restore { snapshot_dir, memory, prefetch, record_working_set } => {
             let files = SnapshotFiles::in_dir(&snapshot_dir);
             let state = Arc::new(snapshot::load_state(&files)?);
             let mode = match memory {
+                MemoryMode::MapPrivate if prefetch.is_some() || record_working_set => {
+                    return Err(VmmError::Config("prefetch and record_working_set need \"memory\": \"uffd\"".into()))
+                }
                 MemoryMode::MapPrivate => RestoreMode::MapPrivate,
-                MemoryMode::Uffd => RestoreMode::Uffd { prefetch: Vec::new(), record: false },
+                MemoryMode::Uffd => {
+                    let prefetch = prefetch.as_deref().map(read_working_set).transpose()?.unwrap_or_default();
+                    RestoreMode::Uffd { prefetch, record: record_working_set }
+                }
             };
             let restored = snapshot::restore_memory(&files, &state, mode)?;
-            MicroVmBuilder::restore(state, restored, Box::new(console))?
+            MicroVmBuilder::restore(state, restored, Box::new(console), virtio)?
         }
     };
     builder.confine_vcpus()?;
@@ -151,9 +170,51 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
     let listener = UnixListener::bind(&config.control_socket).map_err(io_error(config.control_socket.display().to_string()))?;
     listener.set_nonblocking(true).map_err(io_error("the control socket"))?;
     let mut vm = builder.start()?;
-    vm.resume();
+    if !config.start_paused {
+        vm.resume();
+    }
     seccomp::apply(&seccomp::filter(ThreadKind::Control)?)?;
     serve(&mut vm, &listener)
+}
+
+/// Builds the virtio devices of the configuration, in slot order: the root
+/// disk, then vsock. A restored VM's disk overlay, when missing, starts as a
+/// copy of the snapshot's.
+fn virtio_devices(
+    drive: Option<&DriveConfig>,
+    vsock: Option<&VsockConfig>,
+    snapshot_dir: Option<&Path>,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(drive) = drive {
+        if let Some(dir) = snapshot_dir.filter(|_| !drive.overlay.exists()) {
+            let saved = block::snapshot_overlay(dir, virtio.len());
+            block::copy_overlay(&saved, &drive.overlay).map_err(io_error(saved.display().to_string()))?;
+        }
+        let disk = CowDisk::open(&drive.base, &drive.overlay).map_err(io_error(drive.base.display().to_string()))?;
+        virtio.push(Box::new(Block::new(disk, drive.read_only, "rootfs")));
+    }
+    if let Some(vsock) = vsock {
+        let device = Vsock::new(vsock.guest_cid, vsock.uds.clone())
+            .map_err(|e| VmmError::Io { what: vsock.uds.display().to_string(), source: std::io::Error::other(e.to_string()) })?;
+        virtio.push(Box::new(device));
+    }
+    Ok(virtio)
+}
+
+/// Reads a working-set file: little-endian u64 offsets into the memory file.
+pub fn read_working_set(path: &Path) -> Result<Vec<u64>, VmmError> {
+    let bytes = std::fs::read(path).map_err(io_error(path.display().to_string()))?;
+    Ok(bytes.chunks_exact(8).map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes"))).collect())
+}
+
+/// Writes the working set the guest faulted in since restore to `path`.
+fn write_working_set(vm: &MicroVm, path: &Path) -> Result<serde_json::Value, String> {
+    let uffd = vm.uffd().ok_or("the VM was not restored with \"memory\": \"uffd\" and record_working_set")?;
+    let offsets = uffd.recorded_working_set();
+    let bytes: Vec<u8> = offsets.iter().flat_map(|offset| offset.to_le_bytes()).collect();
+    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(serde_json::json!({ "pages": offsets.len() }))
 }
 
 /// How long the control loop waits for a request before it checks the guest.
@@ -233,6 +294,7 @@ fn answer(vm: &mut MicroVm, request: Request) -> serde_json::Value {
             .map_err(|e| e.to_string())
             .and_then(|()| snapshot::create(vm, &SnapshotFiles::in_dir(&dir)).map_err(|e| e.to_string()))
             .map(|()| serde_json::json!({ "dir": dir })),
+        Request::WorkingSet { path } => write_working_set(vm, &path),
         Request::Shutdown => Ok(serde_json::json!({})),
     };
     match result {
@@ -257,6 +319,15 @@ fn stats(vm: &MicroVm) -> serde_json::Value {
             serde_json::json!({ "pio_exits": c.pio.load(Ordering::Relaxed), "mmio_exits": c.mmio.load(Ordering::Relaxed), "other_exits": c.other.load(Ordering::Relaxed) })
         })
         .collect();
-    let uffd_faults = vm.uffd().map(|u| u.stats().faults.load(Ordering::Relaxed));
-    serde_json::json!({ "rss_kib": rss_kib, "vcpus": vcpus, "uffd_faults": uffd_faults })
+    let uffd = vm.uffd().map(|uffd| {
+        let s = uffd.stats();
+        serde_json::json!({
+            "faults": s.faults.load(Ordering::Relaxed),
+            "pages_copied": s.pages_copied.load(Ordering::Relaxed),
+            "pages_zeroed": s.pages_zeroed.load(Ordering::Relaxed),
+            "pages_prefetched": s.pages_prefetched.load(Ordering::Relaxed),
+            "failure": uffd.failure(),
+        })
+    });
+    serde_json::json!({ "rss_kib": rss_kib, "vcpus": vcpus, "uffd": uffd })
 }

@@ -89,7 +89,7 @@ fn snapshot_running_payload(dir: &std::path::Path) -> (SnapshotFiles, u64) {
 fn restore(files: &SnapshotFiles, mode: RestoreMode) -> MicroVm {
     let state = Arc::new(snapshot::load_state(files).unwrap());
     let memory = snapshot::restore_memory(files, &state, mode).unwrap();
-    let mut builder = MicroVmBuilder::restore(state, memory, Box::new(SharedConsole::default())).unwrap();
+    let mut builder = MicroVmBuilder::restore(state, memory, Box::new(SharedConsole::default()), Vec::new()).unwrap();
     builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(Arc::default())))).unwrap();
     builder.start().unwrap()
 }

@@ -1,7 +1,8 @@
 //! virtio-vsock driven from the host side the way a guest driver would:
 //! host-initiated connections with the CONNECT handshake, guest-initiated
 //! connections to host listeners, data both ways, credit flow control,
-//! shutdown and reset, malformed packets, and the transport-reset event.
+//! shutdown and reset, malformed packets, the transport-reset event, and a
+//! live device restored from a snapshot.
 
 #[path = "support/virtq.rs"]
 mod virtq;
@@ -13,12 +14,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sandbox_vmm::devices::virtio::vsock::{packet::*, Vsock, VsockControl, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use sandbox_vmm::{
+    devices::virtio::{
+        mmio::MmioTransport,
+        vsock::{packet::*, Vsock, VsockControl, EVENT_QUEUE, RX_QUEUE, TX_QUEUE},
+    },
+    snapshot::persist::Persist,
+};
 use vm_memory::{Bytes, GuestAddress};
 use virtq::{Driver, VERSION_1};
 
 const GUEST_CID: u64 = 3;
 const RX_BUFFER: u32 = (HEADER_LEN + 4096) as u32;
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sandboxd-vsock-{name}-{}.sock", std::process::id()))
+}
 
 struct Guest {
     driver: Driver,
@@ -28,7 +39,7 @@ struct Guest {
 
 impl Guest {
     fn new(name: &str) -> Guest {
-        let uds = std::env::temp_dir().join(format!("sandboxd-vsock-{name}-{}.sock", std::process::id()));
+        let uds = socket_path(name);
         let vsock = Vsock::new(GUEST_CID, uds.clone()).unwrap();
         let control = vsock.control();
         let mut driver = Driver::new(Box::new(vsock), Driver::memory(32 << 20));
@@ -66,6 +77,20 @@ impl Guest {
         bytes.extend_from_slice(payload);
         let address = self.driver.buffer(&bytes);
         self.driver.submit(TX_QUEUE, &[(address, bytes.len() as u32, false)]);
+    }
+
+    /// Waits for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue.
+    fn expect_transport_reset(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let event = loop {
+            if let Some(used) = self.driver.pop_used(EVENT_QUEUE) {
+                break used;
+            }
+            assert!(Instant::now() < deadline, "no transport reset event");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let address = self.driver.descriptor_address(EVENT_QUEUE, event.0);
+        assert_eq!(self.driver.memory.read_obj::<u32>(GuestAddress(address)).unwrap(), 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
     }
 
     /// Waits for the next packet the device delivered to the guest.
@@ -183,14 +208,30 @@ fn malformed_packets_and_transport_reset() {
     guest.control.reset_connections();
     let mut byte = [0u8; 1];
     assert_eq!(stream.read(&mut byte).unwrap(), 0, "host connections are dropped");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let event = loop {
-        if let Some(used) = guest.driver.pop_used(EVENT_QUEUE) {
-            break used;
-        }
-        assert!(Instant::now() < deadline, "no transport reset event");
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let address = guest.driver.descriptor_address(EVENT_QUEUE, event.0);
-    assert_eq!(guest.driver.memory.read_obj::<u32>(GuestAddress(address)).unwrap(), 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    guest.expect_transport_reset();
+}
+
+#[test]
+fn a_restored_device_resets_old_connections_and_takes_new_ones() {
+    let mut guest = Guest::new("snapshot");
+    let (_old_stream, _) = host_connect(&mut guest, 1024);
+    let state = guest.driver.transport.save();
+    assert!(state.activated);
+    let memory = guest.driver.memory_copy();
+
+    // The clone gets a device of its own, on a new host socket.
+    let uds = socket_path("snapshot-clone");
+    let vsock = Vsock::new(GUEST_CID, uds.clone()).unwrap();
+    let control = vsock.control();
+    let transport = MmioTransport::restore(Driver::restore_args(Box::new(vsock), &memory), &state).unwrap();
+    let mut driver = Driver::new(Box::new(Vsock::new(GUEST_CID, socket_path("unused")).unwrap()), memory);
+    driver.transport = transport;
+    driver.queues = std::mem::take(&mut guest.driver.queues);
+    let mut clone = Guest { driver, control, uds };
+    clone.expect_transport_reset();
+    let (mut stream, host_port) = host_connect(&mut clone, 1024);
+    stream.write_all(b"after restore").unwrap();
+    let (packet, payload) = clone.receive();
+    let (op, src) = (packet.op, packet.src_port);
+    assert_eq!((op, src, payload.as_slice()), (OP_RW, host_port, &b"after restore"[..]));
 }

@@ -72,9 +72,9 @@ impl MicroVmBackend {
                 "cmdline": GUEST_CMDLINE,
                 "memory_mib": spec.limits.memory_mib,
                 "vcpus": spec.limits.vcpus.clamp(1, 32),
-                "drive": { "base": rootfs, "overlay": dir.join("overlay.img") },
-                "vsock": { "guest_cid": GUEST_CID, "uds": dir.join("vsock.sock") },
             },
+            "drive": { "base": rootfs, "overlay": dir.join("overlay.img") },
+            "vsock": { "guest_cid": GUEST_CID, "uds": dir.join("vsock.sock") },
             "serial_log": dir.join("serial.log"),
             "control_socket": dir.join("control.sock"),
         })

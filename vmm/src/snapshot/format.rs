@@ -7,7 +7,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 const MAGIC: &[u8; 8] = b"SBXSNAP\0";
 /// Bumped when old files can no longer be read.
-pub const FORMAT_MAJOR: u16 = 1;
+pub const FORMAT_MAJOR: u16 = 2;
 /// Bumped for compatible additions.
 pub const FORMAT_MINOR: u16 = 0;
 const HEADER_LEN: usize = 8 + 2 + 2 + 8 + 4;
@@ -98,9 +98,9 @@ mod tests {
         assert_eq!(decode::<Sample>(&file).unwrap_err(), FormatError::Checksum);
         file[last] ^= 0x40;
 
-        file[8] = 2;
-        assert_eq!(decode::<Sample>(&file).unwrap_err(), FormatError::Version { found: 2 });
-        file[8] = 1;
+        file[8] = 9;
+        assert_eq!(decode::<Sample>(&file).unwrap_err(), FormatError::Version { found: 9 });
+        file[8] = FORMAT_MAJOR as u8;
 
         assert_eq!(decode::<Sample>(&file[..10]).unwrap_err(), FormatError::Truncated(10));
         file[0] = b'X';

@@ -1,11 +1,13 @@
-//! Snapshots of a paused microVM and their restore. A snapshot is two
-//! files: `state` (versioned, checksummed: VM, vCPU and serial console
-//! state) and `memory`
-//! (guest RAM, sparse: zero pages are holes). Restore maps the memory file
+//! Snapshots of a paused microVM and their restore. A snapshot directory
+//! holds `state` (versioned, checksummed: VM, vCPU, serial console and
+//! virtio transport state), `memory` (guest RAM, sparse: zero pages are
+//! holes) and each disk's overlay (`diskN.overlay`, whose written clusters
+//! every clone copies). Restore maps the memory file
 //! privately (copy-on-write, page cache shared by every clone) or serves it
 //! lazily through userfaultfd, optionally prefetching a recorded working set.
 
 pub mod format;
+pub mod persist;
 pub mod state;
 
 use std::{
@@ -22,7 +24,11 @@ pub use state::{StateError, VcpuState, VmState};
 
 use crate::{
     builder::MicroVm,
-    devices::serial::SerialConsoleState,
+    snapshot::persist::Persist,
+    devices::{
+        serial::SerialConsoleState,
+        virtio::{mmio::MmioTransportState, VirtioError},
+    },
     uffd::{UffdError, UffdMemory},
     vstate::{
         memory::{map_file, GuestMemory, MemoryError},
@@ -46,6 +52,8 @@ pub enum SnapshotError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("the VM must be paused to be snapshotted: call pause() first")]
     NotPaused,
+    #[error("cannot save the data of virtio slot {slot}: {source}")]
+    Backing { slot: usize, source: VirtioError },
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> SnapshotError + 'a {
@@ -59,6 +67,8 @@ pub struct MicroVmState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialConsoleState,
+    /// The virtio-mmio transports, by slot.
+    pub devices: Vec<MmioTransportState>,
 }
 
 /// Where a snapshot's files are.
@@ -85,11 +95,25 @@ pub fn create(vm: &MicroVm, files: &SnapshotFiles) -> Result<(), SnapshotError> 
         vcpus.push(vcpu.run_on_vcpu(move |fd| VcpuState::save(fd, &indices)).map_err(not_paused)??);
     }
     let memory_bytes = write_memory(vm.memory(), &files.memory)?;
-    let state = MicroVmState { memory_bytes, vm: VmState::save(vm.vm().fd())?, vcpus, serial: vm.serial_state() };
+    let devices = save_devices(vm, files)?;
+    let state = MicroVmState { memory_bytes, vm: VmState::save(vm.vm().fd())?, vcpus, serial: vm.serial_state(), devices };
     let encoded = format::encode(&state)?;
     let partial = files.state.with_extension("partial");
     std::fs::write(&partial, encoded).map_err(io_error("write", &partial))?;
     std::fs::rename(&partial, &files.state).map_err(io_error("rename", &files.state))
+}
+
+/// Saves each virtio transport and lets its device write its host-side
+/// data (a disk's overlay) next to the state file.
+fn save_devices(vm: &MicroVm, files: &SnapshotFiles) -> Result<Vec<MmioTransportState>, SnapshotError> {
+    let dir = files.state.parent().unwrap_or(Path::new("."));
+    let mut states = Vec::with_capacity(vm.virtio_transports().len());
+    for (slot, transport) in vm.virtio_transports().iter().enumerate() {
+        let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+        transport.save_backing(dir, slot).map_err(|source| SnapshotError::Backing { slot, source })?;
+        states.push(transport.save());
+    }
+    Ok(states)
 }
 
 fn not_paused(error: VcpuError) -> SnapshotError {

@@ -33,6 +33,17 @@ pub enum VmExit {
     FailEntry(u64),
     /// KVM_RUN itself failed.
     RunFailed(String),
+    /// Guest memory could not be served from the snapshot (the VM was
+    /// stopped rather than run on with a page it never had).
+    MemoryUnavailable(String),
+}
+
+impl VmExit {
+    /// Whether the VM ended through a fault of the host or the VMM rather
+    /// than by the guest's or the host's choice.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, VmExit::InternalError | VmExit::FailEntry(_) | VmExit::RunFailed(_) | VmExit::MemoryUnavailable(_))
+    }
 }
 
 /// The first terminal exit of a VM, shared by all its vCPUs and devices.

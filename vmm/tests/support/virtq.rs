@@ -8,9 +8,12 @@ use std::sync::Arc;
 
 use sandbox_vmm::devices::{
     bus::BusDevice,
-    virtio::{mmio::MmioTransport, Interrupt, VirtioDevice},
+    virtio::{
+        mmio::{MmioTransport, MmioTransportArgs},
+        Interrupt, VirtioDevice,
+    },
 };
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const QUEUE_LEN: u16 = 16;
@@ -53,6 +56,22 @@ impl Driver {
 
     pub fn memory(size: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    /// A copy of this driver's guest memory, as a snapshot restore would
+    /// bring it back.
+    pub fn memory_copy(&self) -> GuestMemoryMmap {
+        let size = self.memory.last_addr().raw_value() as usize + 1;
+        let copy = Driver::memory(size);
+        let mut bytes = vec![0u8; size];
+        self.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        copy.write_slice(&bytes, GuestAddress(0)).unwrap();
+        copy
+    }
+
+    /// Arguments to restore a transport for `device` over `memory`.
+    pub fn restore_args(device: Box<dyn VirtioDevice>, memory: &GuestMemoryMmap) -> MmioTransportArgs {
+        MmioTransportArgs { device, memory: memory.clone(), interrupt: Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()) }
     }
 
     pub fn read(&mut self, offset: u64) -> u32 {

@@ -1,18 +1,19 @@
 //! virtio-blk over a copy-on-write disk: a read-only base image shared by
 //! every sandbox of a template, and a per-sandbox sparse overlay that takes
 //! every write. A cluster written once is read from the overlay from then
-//! on; the base file is never opened for writing.
+//! on; the base file is never opened for writing. A snapshot keeps a copy
+//! of the overlay, and every clone starts from its own copy of that.
 
 use std::{
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK};
+use super::{Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK};
 use crate::vstate::memory::GuestMemory;
 
 const SECTOR: u64 = 512;
@@ -37,6 +38,7 @@ const ID_LEN: usize = 20;
 pub struct CowDisk {
     base: File,
     overlay: File,
+    overlay_path: PathBuf,
     /// Persisted copy of `written`, rewritten on flush.
     bitmap: File,
     /// One bit per cluster: set when the overlay holds the cluster.
@@ -52,16 +54,16 @@ impl CowDisk {
         let size = base_file.metadata()?.len() / SECTOR * SECTOR;
         let overlay_file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(overlay)?;
         overlay_file.set_len(size)?;
-        let bitmap_path = overlay.with_extension("bitmap");
-        let words = size.div_ceil(CLUSTER).div_ceil(64) as usize;
-        let written = match std::fs::read(&bitmap_path) {
-            Ok(bytes) if bytes.len() == words * 8 => {
-                bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-            }
-            _ => vec![0; words],
-        };
-        let bitmap = OpenOptions::new().write(true).create(true).truncate(false).open(&bitmap_path)?;
-        Ok(Self { base: base_file, overlay: overlay_file, bitmap, written, size })
+        let written = read_bitmap(overlay, size);
+        let bitmap = OpenOptions::new().write(true).create(true).truncate(false).open(bitmap_path(overlay))?;
+        Ok(Self { base: base_file, overlay: overlay_file, overlay_path: overlay.to_path_buf(), bitmap, written, size })
+    }
+
+    /// Makes the disk durable and copies its overlay (written clusters and
+    /// bitmap) to `to`.
+    pub fn export_overlay(&self, to: &Path) -> std::io::Result<()> {
+        self.flush()?;
+        copy_overlay(&self.overlay_path, to)
     }
 
     pub fn size(&self) -> u64 {
@@ -128,6 +130,53 @@ impl CowDisk {
             _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "request beyond the end of the disk")),
         }
     }
+}
+
+/// Where the written-cluster bitmap of `overlay` is kept.
+fn bitmap_path(overlay: &Path) -> PathBuf {
+    overlay.with_extension("bitmap")
+}
+
+/// The persisted bitmap of `overlay`, or an empty one if it is missing or
+/// does not fit a disk of `size` bytes.
+fn read_bitmap(overlay: &Path, size: u64) -> Vec<u64> {
+    let words = size.div_ceil(CLUSTER).div_ceil(64) as usize;
+    match std::fs::read(bitmap_path(overlay)) {
+        Ok(bytes) if bytes.len() == words * 8 => {
+            bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+        }
+        _ => vec![0; words],
+    }
+}
+
+/// Copies an overlay to `to`: only its written clusters (the copy stays
+/// sparse) and its bitmap. A clone of a snapshot starts from such a copy.
+pub fn copy_overlay(from: &Path, to: &Path) -> std::io::Result<()> {
+    let source = File::open(from)?;
+    let size = source.metadata()?.len();
+    let written = read_bitmap(from, size);
+    let target = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
+    target.set_len(size)?;
+    let mut cluster = vec![0u8; CLUSTER as usize];
+    for index in 0..size.div_ceil(CLUSTER) {
+        if written[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+            let offset = index * CLUSTER;
+            let len = CLUSTER.min(size - offset) as usize;
+            source.read_exact_at(&mut cluster[..len], offset)?;
+            target.write_all_at(&cluster[..len], offset)?;
+        }
+    }
+    target.sync_data()?;
+    std::fs::copy(bitmap_path(from), bitmap_path(to)).or_else(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => Ok(0),
+        _ => Err(error),
+    })?;
+    Ok(())
+}
+
+/// The overlay of the disk on virtio slot `slot` inside snapshot directory `dir`.
+pub fn snapshot_overlay(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(format!("disk{slot}.overlay"))
 }
 
 /// The virtio-blk device.
@@ -209,8 +258,8 @@ impl VirtioDevice for Block {
         &[QUEUE_SIZE]
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(&mut self, memory: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError> {
@@ -241,5 +290,13 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |(_, queues, _)| queues.iter().map(Queue::state).collect())
+    }
+
+    fn save_backing(&mut self, dir: &Path, slot: usize) -> Result<(), VirtioError> {
+        Ok(self.disk.export_overlay(&snapshot_overlay(dir, slot))?)
     }
 }

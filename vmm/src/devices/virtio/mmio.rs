@@ -1,13 +1,17 @@
 //! The virtio-mmio transport (version 2, the modern layout): the register
 //! window a driver uses to discover a device, negotiate features, set up
-//! queues, notify and acknowledge interrupts.
+//! queues, notify and acknowledge interrupts. Its state (registers, queue
+//! positions, whether the device is live) is saved in snapshots; restoring
+//! re-activates the device on the saved queues, so a guest driver carries
+//! on where it stopped.
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::{devices::bus::BusDevice, vstate::memory::GuestMemory};
+use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
+use crate::{devices::bus::BusDevice, snapshot::persist::Persist, vstate::memory::GuestMemory};
 
 /// Size of one device's MMIO window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -24,6 +28,92 @@ const STATUS_FAILED: u32 = 0x80;
 /// The kernel command-line fragment that announces a device at `base` on `irq`.
 pub fn cmdline_fragment(base: u64, irq: u32) -> String {
     format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("the snapshot has a virtio device of type {saved} on this slot, the VM was given type {given}: restore with the devices the snapshot was taken with")]
+    DeviceType { saved: u32, given: u32 },
+    #[error("the virtio device of type {0} differs from the snapshot's (its configuration, such as a disk's size, changed): restore with the same images")]
+    Config(u32),
+    #[error("queue {index} of the snapshot is not valid: {reason}; the snapshot is corrupt, rebuild it")]
+    Queue { index: usize, reason: String },
+    #[error("the snapshot has {saved} queues for a device with {given}: rebuild the snapshot")]
+    QueueCount { saved: usize, given: usize },
+    #[error("cannot re-activate the virtio device of type {device_type}: {source}")]
+    Activate { device_type: u32, source: VirtioError },
+}
+
+/// One split queue as a snapshot keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl SavedQueue {
+    fn to_queue(&self, index: usize) -> Result<Queue, MmioError> {
+        let state = QueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+        };
+        Queue::try_from(state).map_err(|error| MmioError::Queue { index, reason: error.to_string() })
+    }
+}
+
+/// The transport's registers, its queues and the device's identity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    pub device_type: u32,
+    /// The device's config space when saved; a restore must match it.
+    pub config: Vec<u8>,
+    pub queues: Vec<SavedQueue>,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+}
+
+/// What restoring a transport needs: the device (built from the VM's
+/// configuration), guest memory and the slot's interrupt.
+pub struct MmioTransportArgs {
+    pub device: Box<dyn VirtioDevice>,
+    pub memory: GuestMemory,
+    pub interrupt: Arc<Interrupt>,
 }
 
 pub struct MmioTransport {
@@ -194,7 +284,7 @@ fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
-            self.device.read_config(offset - 0x100, data);
+            read_config_bytes(self.device.config_space(), offset - 0x100, data);
         } else if data.len() == 4 {
             data.copy_from_slice(&self.register(offset).to_le_bytes());
         } else {
@@ -206,5 +296,70 @@ impl BusDevice for MmioTransport {
         if offset < 0x100 && data.len() == 4 {
             self.write_register(offset, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
         }
+    }
+}
+
+impl MmioTransport {
+    /// Lets the device write its host-side data into a snapshot directory.
+    pub fn save_backing(&mut self, dir: &std::path::Path, slot: usize) -> Result<(), VirtioError> {
+        self.device.save_backing(dir, slot)
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs = MmioTransportArgs;
+    type Error = MmioError;
+
+    fn save(&self) -> MmioTransportState {
+        // An active device owns its queues; otherwise the transport does.
+        let queues = if self.activated { self.device.queue_states() } else { self.queues.iter().map(Queue::state).collect() };
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            config: self.device.config_space().to_vec(),
+            queues: queues.into_iter().map(SavedQueue::from).collect(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+        }
+    }
+
+    fn restore(args: MmioTransportArgs, state: &MmioTransportState) -> Result<Self, MmioError> {
+        let given = args.device.device_type();
+        if given != state.device_type {
+            return Err(MmioError::DeviceType { saved: state.device_type, given });
+        }
+        if args.device.config_space() != state.config.as_slice() {
+            return Err(MmioError::Config(given));
+        }
+        let queue_count = args.device.queue_max_sizes().len();
+        if state.queues.len() != queue_count {
+            return Err(MmioError::QueueCount { saved: state.queues.len(), given: queue_count });
+        }
+        let queues = state.queues.iter().enumerate().map(|(index, q)| q.to_queue(index)).collect::<Result<Vec<_>, _>>()?;
+        let mut transport = Self::new(args.device, args.memory, args.interrupt);
+        transport.queue_select = state.queue_select;
+        transport.device_features_select = state.device_features_select;
+        transport.driver_features_select = state.driver_features_select;
+        transport.driver_features = state.driver_features;
+        transport.status = state.status;
+        transport.config_generation = state.config_generation;
+        if state.activated {
+            transport
+                .device
+                .activate(transport.memory.clone(), queues, Arc::clone(&transport.interrupt))
+                .map_err(|source| MmioError::Activate { device_type: given, source })?;
+            transport.activated = true;
+            transport.device.restored();
+        } else {
+            transport.queues = queues;
+        }
+        transport.interrupt.restore_status(state.interrupt_status);
+        Ok(transport)
     }
 }

@@ -5,12 +5,15 @@ pub mod block;
 pub mod mmio;
 pub mod vsock;
 
-use std::sync::{
-    atomic::{AtomicU32, Ordering},
-    Arc,
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
 };
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
@@ -48,6 +51,15 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets InterruptStatus as a snapshot recorded it and, when a bit is
+    /// set, raises the line again so that the driver looks.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            let _ = self.event.write(1);
+        }
+    }
+
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
@@ -74,13 +86,24 @@ pub trait VirtioDevice: Send {
     /// Feature bits the device offers (VIRTIO_F_VERSION_1 is added by the transport).
     fn features(&self) -> u64;
     fn queue_max_sizes(&self) -> &[u16];
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The device-specific configuration space (little-endian).
+    fn config_space(&self) -> &[u8];
     /// Starts the device with the driver's queues.
     fn activate(&mut self, memory: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError>;
     /// Processes what the driver made available on queue `index`.
     fn process_queue(&mut self, index: usize);
     /// Returns the device to its state before activation.
     fn reset(&mut self);
+    /// The state of the queues an active device owns (empty when inactive).
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Called once after the device was re-activated from a snapshot, before
+    /// the guest runs again.
+    fn restored(&mut self) {}
+    /// Writes the host-side data the device keeps outside guest memory (a
+    /// disk's overlay) into the snapshot directory `dir`, as slot `slot`.
+    fn save_backing(&mut self, _dir: &Path, _slot: usize) -> Result<(), VirtioError> {
+        Ok(())
+    }
 }
 
 /// Reads `data.len()` bytes of a little-endian config space at `offset`.

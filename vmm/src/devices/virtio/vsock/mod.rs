@@ -14,10 +14,10 @@ use std::{
     thread::JoinHandle,
 };
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError, TYPE_VSOCK};
+use super::{Interrupt, VirtioDevice, VirtioError, TYPE_VSOCK};
 use crate::vstate::memory::GuestMemory;
 use muxer::Muxer;
 
@@ -28,7 +28,8 @@ pub const EVENT_QUEUE: usize = 2;
 
 /// The vsock device.
 pub struct Vsock {
-    guest_cid: u64,
+    /// The config space: the guest's context id.
+    config: [u8; 8],
     muxer: Arc<Mutex<Muxer>>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -40,7 +41,7 @@ impl Vsock {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let muxer = Arc::new(Mutex::new(Muxer::new(guest_cid, uds_path)?));
         let thread = muxer::spawn_event_loop(Arc::clone(&muxer), stop.try_clone()?)?;
-        Ok(Self { guest_cid, muxer, stop, thread: Some(thread) })
+        Ok(Self { config: guest_cid.to_le_bytes(), muxer, stop, thread: Some(thread) })
     }
 
     /// A handle that outlives handing the device to its transport.
@@ -78,8 +79,8 @@ impl VirtioDevice for Vsock {
         &[QUEUE_SIZE; 3]
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(&mut self, memory: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError> {
@@ -100,6 +101,16 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         lock(&self.muxer).deactivate();
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        lock(&self.muxer).queue_states()
+    }
+
+    /// Connections from before the snapshot cannot continue: the guest
+    /// hears of a transport reset and drops them.
+    fn restored(&mut self) {
+        lock(&self.muxer).reset_connections();
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::{
     epoll::{ControlOperation, Epoll, EpollEvent, EventSet},
     eventfd::EventFd,
@@ -123,6 +123,10 @@ impl Muxer {
     pub fn activate(&mut self, memory: GuestMemory, queues: Vec<Queue>, interrupt: Arc<Interrupt>) {
         self.active = Some((memory, queues, interrupt));
         self.fill_rx();
+    }
+
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |(_, queues, _)| queues.iter().map(Queue::state).collect())
     }
 
     pub fn deactivate(&mut self) {
