@@ -59,7 +59,7 @@ fn pooled_clones(files: &SnapshotFiles, uffd: bool) -> Vec<MicroVm> {
         .map(|_| {
             let mode = if uffd { RestoreMode::Uffd { prefetch: Vec::new(), record: false } } else { RestoreMode::MapPrivate };
             let memory = snapshot::restore_memory(files, &state, mode).unwrap();
-            let vm = MicroVmBuilder::restore(Arc::clone(&state), memory, Box::new(SharedConsole::default())).unwrap().start().unwrap();
+            let vm = MicroVmBuilder::restore(Arc::clone(&state), memory, Box::new(SharedConsole::default()), Vec::new()).unwrap().start().unwrap();
             // Run briefly, then sit paused in the pool.
             vm.resume();
             std::thread::sleep(Duration::from_millis(20));

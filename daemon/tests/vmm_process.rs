@@ -2,6 +2,10 @@
 //! real KVM, answers pause, resume, stats and snapshot on its control
 //! socket, shuts down on request, and a fresh `sandboxd vmm` process
 //! restores the snapshot (through userfaultfd) and keeps the guest running.
+//! A VM with a disk and vsock is restored with its devices: each clone gets
+//! its own copy of the snapshot's disk overlay, a recorded working set is
+//! replayed as prefetch, and a restore without the snapshot's devices is
+//! refused.
 
 #[path = "../../vmm/tests/support/mod.rs"]
 mod support;
@@ -116,5 +120,77 @@ fn vmm_process_is_controlled_snapshotted_and_restored_in_a_fresh_process() {
     assert!(stats["uffd"]["faults"].as_u64().unwrap() > 0, "the restored guest's memory came through userfaultfd: {stats}");
     assert_eq!(clone.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
     assert!(clone.child.wait().unwrap().success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn devices(dir: &Path, name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "drive": { "base": dir.join("base.img"), "overlay": dir.join(format!("{name}.overlay")) },
+        "vsock": { "guest_cid": 3, "uds": dir.join(format!("{name}.vsock")) },
+    })
+}
+
+fn with_devices(mut source: serde_json::Value, devices: serde_json::Value) -> serde_json::Value {
+    for (key, value) in devices.as_object().unwrap() {
+        source[key] = value.clone();
+    }
+    source
+}
+
+#[test]
+fn vm_with_devices_is_restored_with_them_and_replays_its_working_set() {
+    let dir = std::env::temp_dir().join(format!("sandboxd-vmm-devices-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("base.img"), vec![7u8; 1 << 20]).unwrap();
+    let kernel = support::build_payload(BODY);
+    let boot = serde_json::json!({ "boot": { "kernel": kernel, "cmdline": "", "memory_mib": 64, "vcpus": 1 } });
+    let mut original = Vmm::start(&dir, "original", with_devices(boot, devices(&dir, "original")));
+    original.wait_for_more_output(0);
+    let snapshot_dir = dir.join("snapshot");
+    std::fs::create_dir_all(&snapshot_dir).unwrap();
+    let reply = original.request(serde_json::json!({ "op": "snapshot", "dir": snapshot_dir }));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(snapshot_dir.join("disk0.overlay").is_file(), "the disk's overlay is saved with the snapshot");
+    assert_eq!(original.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
+    original.child.wait().unwrap();
+
+    // A clone that records the pages it touches.
+    let restore = serde_json::json!({ "restore": { "snapshot_dir": snapshot_dir, "memory": "uffd", "record_working_set": true } });
+    let mut recorder = Vmm::start(&dir, "recorder", with_devices(restore, devices(&dir, "recorder")));
+    recorder.wait_for_more_output(0);
+    assert!(dir.join("recorder.overlay").is_file(), "the clone's overlay was created from the snapshot's");
+    let working_set = dir.join("working-set");
+    let reply = recorder.request(serde_json::json!({ "op": "working_set", "path": working_set }));
+    assert!(reply["pages"].as_u64().unwrap() > 0, "{reply}");
+    assert_eq!(recorder.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
+    recorder.child.wait().unwrap();
+
+    // A clone that prefetches it, paused until told to run.
+    let restore = serde_json::json!({ "restore": { "snapshot_dir": snapshot_dir, "memory": "uffd", "prefetch": working_set } });
+    let mut config = with_devices(restore, devices(&dir, "prefetched"));
+    config["start_paused"] = true.into();
+    let mut prefetched = Vmm::start(&dir, "prefetched", config);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(prefetched.serial_output(), 0, "a clone started paused runs nothing");
+    assert_eq!(prefetched.request(serde_json::json!({ "op": "resume" }))["ok"], true);
+    prefetched.wait_for_more_output(0);
+    let stats = prefetched.request(serde_json::json!({ "op": "stats" }));
+    assert!(stats["uffd"]["pages_prefetched"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(stats["uffd"]["failure"], serde_json::Value::Null, "{stats}");
+    assert_eq!(prefetched.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
+    prefetched.child.wait().unwrap();
+
+    // Without the snapshot's devices the restore is refused, with the reason.
+    let restore = serde_json::json!({ "restore": { "snapshot_dir": snapshot_dir, "memory": "map_private" } });
+    let config = dir.join("bare.json");
+    let mut bare = restore;
+    bare["serial_log"] = dir.join("bare.serial").display().to_string().into();
+    bare["control_socket"] = dir.join("bare.sock").display().to_string().into();
+    std::fs::write(&config, bare.to_string()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sandboxd")).arg("vmm").arg("--config").arg(&config).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the snapshot has 2 virtio devices but the VM was given 0"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -68,6 +68,7 @@ const CONTROL: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_fsync,
+    libc::SYS_fdatasync,
     libc::SYS_ftruncate,
     libc::SYS_rename,
     libc::SYS_unlink,

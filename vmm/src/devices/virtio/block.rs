@@ -167,11 +167,8 @@ pub fn copy_overlay(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     target.sync_data()?;
-    std::fs::copy(bitmap_path(from), bitmap_path(to)).or_else(|error| match error.kind() {
-        std::io::ErrorKind::NotFound => Ok(0),
-        _ => Err(error),
-    })?;
-    Ok(())
+    let bitmap: Vec<u8> = written.iter().flat_map(|word| word.to_le_bytes()).collect();
+    std::fs::write(bitmap_path(to), bitmap)
 }
 
 /// The overlay of the disk on virtio slot `slot` inside snapshot directory `dir`.
