@@ -1,4 +1,5 @@
-//! Command-line flags of `sandboxd serve`, turned into a [`ServeConfig`].
+//! Command-line flags: `sandboxd serve` (turned into a [`ServeConfig`]),
+//! `sandboxd template build`, and the hidden per-microVM `sandboxd vmm`.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -6,8 +7,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     auth::ApiKeys,
-    backend::{microvm::GuestImages, BackendChoice, ResourceLimits},
+    backend::{
+        microvm::{vmm_process::RestoreMemory, GuestImages},
+        BackendChoice, ResourceLimits,
+    },
     manager::Policy,
+    pool::PoolConfig,
     server::ServeConfig,
 };
 
@@ -22,6 +27,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the sandbox.v1 gRPC API.
     Serve(ServeArgs),
+    /// Build microVM templates.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Run one microVM (the per-sandbox VMM process the daemon starts).
     #[command(hide = true)]
     Vmm {
@@ -29,6 +37,31 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Boot a guest, snapshot it once its agent is up and idle, and record
+    /// the working set of a first use, for restores to prefetch.
+    Build(TemplateBuildArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TemplateBuildArgs {
+    /// Guest kernel (vmlinux, from kernel-config/build.sh).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Guest root image (ext4, from scripts/guest-image.sh).
+    #[arg(long)]
+    pub rootfs_image: PathBuf,
+    /// Directory the template is written to (replaced once the new one is complete).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Guest memory; sandboxes restored from the template have this much.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mib: u32,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
 }
 
 #[derive(Args, Debug)]
@@ -53,12 +86,22 @@ pub struct ServeArgs {
     /// The guest agent binary [default: sandbox-agent next to this binary].
     #[arg(long)]
     pub agent_binary: Option<PathBuf>,
-    /// Extra template as NAME=ROOTFS_DIR (repeatable). "default" uses the host's system directories.
+    /// Extra template as NAME=DIR (repeatable): a root filesystem directory for jails, a
+    /// `sandboxd template build` directory for microVMs. "default" is built in.
     #[arg(long = "template", value_parser = parse_template)]
     pub templates: Vec<(String, PathBuf)>,
-    /// Paused guests kept ready per template; 0 disables the warm pool.
+    /// Paused guests kept ready per template at all times; with --pool-max 0 there is no warm pool.
     #[arg(long, default_value_t = 2)]
     pub pool_size: usize,
+    /// Most paused guests per template after a burst of Creates [default: twice --pool-size].
+    #[arg(long)]
+    pub pool_max: Option<usize>,
+    /// Most host memory the paused guests of one template's pool may use, in MiB (0: no budget).
+    #[arg(long, default_value_t = 0)]
+    pub pool_memory_budget_mib: u64,
+    /// How microVMs restored from a template get their memory.
+    #[arg(long, value_enum, default_value_t = RestoreMemory::Uffd)]
+    pub restore_memory: RestoreMemory,
     #[arg(long, default_value_t = 512)]
     pub default_memory_mib: u32,
     #[arg(long, default_value_t = 1)]
@@ -113,7 +156,12 @@ impl ServeArgs {
             state_dir: self.state_dir,
             agent_binary,
             templates,
-            pool_size: self.pool_size,
+            pool: PoolConfig {
+                min: self.pool_size,
+                max: self.pool_max.unwrap_or(self.pool_size * 2).max(self.pool_size),
+                memory_budget_bytes: self.pool_memory_budget_mib << 20,
+            },
+            restore_memory: self.restore_memory,
             policy: Policy {
                 default_limits: ResourceLimits {
                     memory_mib: self.default_memory_mib,

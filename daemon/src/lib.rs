@@ -12,3 +12,4 @@ pub mod manager;
 pub mod metrics;
 pub mod pool;
 pub mod server;
+pub mod template;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use sandboxd::{
     auth::ApiKeys,
-    cli::{Cli, Command},
+    cli::{Cli, Command, TemplateBuildArgs, TemplateCommand},
     server,
 };
 
@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Vmm { config } => return run_vmm(&config),
+        Command::Template(TemplateCommand::Build(args)) => return build_template(args),
     };
     let keys = ApiKeys::from_list(&std::env::var("SANDBOXD_API_KEYS").unwrap_or_default());
     let config = match args.into_config(keys) {
@@ -40,6 +41,40 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(server::serve(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sandboxd template build`: builds a microVM template, printing progress.
+fn build_template(args: TemplateBuildArgs) -> std::process::ExitCode {
+    let host = sandbox_vmm::probe::probe_host();
+    if !host.microvms {
+        tracing::error!("templates need a host that runs microVMs: {}", host.reason);
+        return std::process::ExitCode::from(2);
+    }
+    let launcher = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(error) => {
+            tracing::error!(%error, "cannot find the sandboxd binary");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let options = sandboxd::template::BuildOptions {
+        kernel: args.kernel,
+        rootfs: args.rootfs_image,
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+        out: args.out,
+        launcher,
+    };
+    let built = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| runtime.block_on(sandboxd::template::build(&options, &|line| eprintln!("{line}"))).map_err(|e| e.to_string()));
+    match built {
+        Ok(_) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
             std::process::ExitCode::FAILURE

@@ -19,7 +19,7 @@ use crate::{
     auth::Caller,
     backend::{Backend, BackendError, Instance, LaunchSpec, ResourceLimits},
     ids, metrics,
-    pool::WarmPool,
+    pool::{PoolConfig, WarmPool},
 };
 
 /// Defaults and bounds applied to every Create.
@@ -70,7 +70,6 @@ struct Sandbox {
     env: BTreeMap<String, String>,
     metadata: HashMap<String, String>,
     created_at: SystemTime,
-    agent: AgentClient<Channel>,
     state: Mutex<RunState>,
     instance: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
 }
@@ -136,22 +135,23 @@ pub struct SandboxManager {
 }
 
 impl SandboxManager {
-    /// `templates` maps a template name to its root filesystem (`None`: the
-    /// host's). With `pool_size` > 0 each template gets a warm pool.
+    /// `templates` maps a template name to its root filesystem or, for
+    /// microVMs, its template directory (`None`: the default). With
+    /// `pool.max` > 0 each template gets a warm pool.
     pub fn new(
         backend: Arc<dyn Backend>,
         templates: BTreeMap<String, Option<PathBuf>>,
         policy: Policy,
-        pool_size: usize,
+        pool: PoolConfig,
     ) -> Arc<Self> {
-        let pools = if pool_size == 0 {
+        let pools = if pool.max == 0 {
             HashMap::new()
         } else {
             templates
                 .iter()
                 .map(|(name, rootfs)| {
                     let spec = LaunchSpec { id: String::new(), rootfs: rootfs.clone(), limits: policy.default_limits };
-                    (name.clone(), WarmPool::start(Arc::clone(&backend), spec, pool_size))
+                    (name.clone(), WarmPool::start(name.clone(), Arc::clone(&backend), spec, pool))
                 })
                 .collect()
         };
@@ -174,8 +174,7 @@ impl SandboxManager {
             return Err(SandboxError::TooMany(self.policy.max_sandboxes));
         }
         let (id, instance, source) = self.obtain_guest(&template, rootfs, limits).await?;
-        let agent = instance.agent();
-        if let Err(error) = refresh_guest(agent.clone()).await {
+        if let Err(error) = refresh_guest(instance.agent()).await {
             let _ = instance.destroy().await;
             return Err(error);
         }
@@ -188,7 +187,6 @@ impl SandboxManager {
             env: request.env.into_iter().collect(),
             metadata: request.metadata,
             created_at: SystemTime::now(),
-            agent,
             state: Mutex::new(RunState::Running),
             instance: tokio::sync::Mutex::new(Some(instance)),
         });
@@ -211,7 +209,9 @@ impl SandboxManager {
         rootfs: Option<PathBuf>,
         limits: ResourceLimits,
     ) -> Result<(String, Box<dyn Instance>, &'static str), SandboxError> {
-        if let Some(pool) = self.pools.get(template) {
+        let pool_shape = self.backend.resizes_guests()
+            || (limits.memory_mib, limits.vcpus) == (self.policy.default_limits.memory_mib, self.policy.default_limits.vcpus);
+        if let Some(pool) = self.pools.get(template).filter(|_| pool_shape) {
             if let Some(guest) = pool.take().await {
                 ::metrics::counter!(metrics::POOL_HITS).increment(1);
                 if limits != self.policy.default_limits {
@@ -282,7 +282,7 @@ impl SandboxManager {
         let instance = sandbox.instance.lock().await;
         let instance = instance.as_ref().ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
         if sandbox.run_state() == RunState::Running {
-            instance.pause().await?;
+            instance.suspend().await?;
             sandbox.set_run_state(RunState::Paused);
         }
         Ok(sandbox.to_proto(self.backend_name()))
@@ -295,7 +295,8 @@ impl SandboxManager {
         if sandbox.run_state() != RunState::Paused {
             return Err(SandboxError::NotPaused(id.to_string()));
         }
-        instance.resume().await?;
+        instance.wake().await?;
+        refresh_guest(instance.agent()).await?;
         sandbox.set_run_state(RunState::Running);
         Ok(sandbox.to_proto(self.backend_name()))
     }
@@ -306,11 +307,11 @@ impl SandboxManager {
         if sandbox.run_state() == RunState::Paused {
             return Err(SandboxError::Paused(id.to_string()));
         }
-        let alive = sandbox.instance.lock().await.as_ref().is_some_and(|instance| instance.is_alive());
-        if !alive {
-            return Err(SandboxError::Stopped(id.to_string()));
+        let instance = sandbox.instance.lock().await;
+        match instance.as_ref().filter(|instance| instance.is_alive()) {
+            Some(instance) => Ok(AgentHandle { agent: instance.agent(), env: sandbox.env.clone() }),
+            None => Err(SandboxError::Stopped(id.to_string())),
         }
-        Ok(AgentHandle { agent: sandbox.agent.clone(), env: sandbox.env.clone() })
     }
 
     /// Deletes every sandbox whose lifetime has passed; returns their ids.
@@ -371,7 +372,7 @@ impl SandboxManager {
 
 /// Gives a guest the wall-clock time and fresh entropy before it is handed
 /// out, so that guests cloned from one template never share RNG state.
-async fn refresh_guest(mut agent: AgentClient<Channel>) -> Result<(), SandboxError> {
+pub(crate) async fn refresh_guest(mut agent: AgentClient<Channel>) -> Result<(), SandboxError> {
     let request = RefreshRequest {
         wall_clock_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
         entropy: ids::random_bytes::<64>().to_vec().into(),

@@ -12,6 +12,11 @@ pub const CREATE_SECONDS: &str = "sandboxd_create_duration_seconds";
 pub const POOL_READY: &str = "sandboxd_pool_ready";
 pub const POOL_HITS: &str = "sandboxd_pool_hits_total";
 pub const POOL_MISSES: &str = "sandboxd_pool_misses_total";
+pub const POOL_TARGET: &str = "sandboxd_pool_target";
+pub const POOL_MEMORY_BYTES: &str = "sandboxd_pool_memory_bytes";
+pub const RESTORE_SECONDS: &str = "sandboxd_restore_duration_seconds";
+pub const UFFD_FAULTS: &str = "sandboxd_uffd_faults_total";
+pub const UFFD_PAGES_PREFETCHED: &str = "sandboxd_uffd_pages_prefetched_total";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -35,7 +40,12 @@ fn describe() {
     metrics::describe_gauge!(SANDBOXES_ACTIVE, "sandboxes that exist now");
     metrics::describe_counter!(SANDBOXES_EXPIRED, "sandboxes deleted because their TTL passed");
     metrics::describe_histogram!(CREATE_SECONDS, "Create latency by source (pool or cold)");
-    metrics::describe_gauge!(POOL_READY, "paused guests waiting in the warm pool");
+    metrics::describe_gauge!(POOL_READY, "paused guests waiting in the warm pool, by template");
+    metrics::describe_gauge!(POOL_TARGET, "guests the warm pool aims to keep ready, by template (between --pool-size and --pool-max)");
+    metrics::describe_gauge!(POOL_MEMORY_BYTES, "host memory the pooled guests use, by template (their cgroups' count)");
+    metrics::describe_histogram!(RESTORE_SECONDS, "microVM snapshot restore, from starting the VMM to the agent's hello, by memory mode");
+    metrics::describe_counter!(UFFD_FAULTS, "guest page faults served by userfaultfd handlers of VMMs that have ended");
+    metrics::describe_counter!(UFFD_PAGES_PREFETCHED, "pages prefetched from recorded working sets by VMMs that have ended");
     metrics::describe_counter!(POOL_HITS, "Creates served from the warm pool");
     metrics::describe_counter!(POOL_MISSES, "Creates that launched a guest cold");
 }

@@ -1,11 +1,17 @@
-//! The warm pool: guests launched ahead of time and kept paused, so that
-//! Create only has to resume one. A background task refills the pool after
-//! every take.
+//! The warm pool: guests launched ahead of time and kept paused (for the
+//! microvm backend, restored from the template's snapshot and stopped), so
+//! that Create only has to resume one. A background task keeps between
+//! `min` and `max` guests ready: every Create the pool cannot serve raises
+//! the target by one, a quiet minute lowers it again, and the memory the
+//! pooled guests use stays within the budget.
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::Notify;
@@ -15,6 +21,20 @@ use crate::{
     ids, metrics,
 };
 
+/// After this long without a miss, the target shrinks by one.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Bounds of one template's pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Guests kept ready at all times.
+    pub min: usize,
+    /// Most guests kept ready after a burst of Creates.
+    pub max: usize,
+    /// Most host memory the ready guests may use together (0: no budget).
+    pub memory_budget_bytes: u64,
+}
+
 /// A paused guest waiting in the pool, with the id it was launched under.
 pub struct PooledGuest {
     pub id: String,
@@ -23,25 +43,42 @@ pub struct PooledGuest {
 
 /// Guests of one template, launched with the template's default limits.
 pub struct WarmPool {
+    /// The template's name, as metrics label it.
+    name: String,
     backend: Arc<dyn Backend>,
     template: LaunchSpec,
-    target: usize,
+    config: PoolConfig,
+    target: AtomicUsize,
+    last_miss: Mutex<Instant>,
     ready: Mutex<VecDeque<PooledGuest>>,
     wake: Notify,
 }
 
 impl WarmPool {
-    /// Creates the pool and starts filling it up to `target` guests.
-    pub fn start(backend: Arc<dyn Backend>, template: LaunchSpec, target: usize) -> Arc<Self> {
-        let pool = Arc::new(Self { backend, template, target, ready: Mutex::new(VecDeque::new()), wake: Notify::new() });
+    /// Creates the pool and starts filling it up to `config.min` guests.
+    pub fn start(name: String, backend: Arc<dyn Backend>, template: LaunchSpec, config: PoolConfig) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            name,
+            backend,
+            template,
+            config,
+            target: AtomicUsize::new(config.min),
+            last_miss: Mutex::new(Instant::now()),
+            ready: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+        });
         tokio::spawn(Arc::clone(&pool).refill_forever());
         pool
     }
 
-    /// Takes a guest and resumes it; `None` when the pool is empty.
+    /// Takes a guest and resumes it; `None` when the pool is empty (which
+    /// raises its target).
     pub async fn take(&self) -> Option<PooledGuest> {
         loop {
-            let guest = self.lock().pop_front()?;
+            let Some(guest) = self.lock().pop_front() else {
+                self.missed();
+                return None;
+            };
             self.wake.notify_one();
             self.record_size();
             if !guest.instance.is_alive() {
@@ -71,16 +108,58 @@ impl WarmPool {
         self.lock().len()
     }
 
+    pub fn target(&self) -> usize {
+        self.target.load(Ordering::Relaxed)
+    }
+
+    fn missed(&self) {
+        *self.last_miss.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let raised = self.target().saturating_add(1).min(self.config.max);
+        self.target.store(raised, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
     async fn refill_forever(self: Arc<Self>) {
         loop {
-            while self.ready_count() < self.target {
+            while self.ready_count() < self.target() && self.within_budget() {
                 if let Err(error) = self.add_one().await {
                     tracing::warn!(%error, "cannot refill the warm pool; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            self.wake.notified().await;
+            ::metrics::gauge!(metrics::POOL_TARGET, "template" => self.name.clone()).set(self.target() as f64);
+            if tokio::time::timeout(IDLE / 2, self.wake.notified()).await.is_err() {
+                self.shrink_when_idle().await;
+            }
         }
+    }
+
+    /// Lowers the target by one after a quiet spell, and lets one surplus
+    /// guest go.
+    async fn shrink_when_idle(&self) {
+        let quiet = self.last_miss.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE;
+        if quiet && self.target() > self.config.min {
+            self.target.store(self.target() - 1, Ordering::Relaxed);
+        }
+        if self.ready_count() > self.target() {
+            let surplus = self.lock().pop_back();
+            if let Some(guest) = surplus {
+                discard(guest).await;
+                self.record_size();
+            }
+        }
+    }
+
+    /// Whether one more guest, costing what the pooled ones cost on
+    /// average, keeps the pool within its memory budget.
+    fn within_budget(&self) -> bool {
+        if self.config.memory_budget_bytes == 0 {
+            return true;
+        }
+        let used: Vec<u64> = self.lock().iter().map(|guest| guest.instance.memory_bytes()).collect();
+        let total: u64 = used.iter().sum();
+        let next = total.checked_div(used.len() as u64).unwrap_or(0);
+        total + next <= self.config.memory_budget_bytes
     }
 
     async fn add_one(&self) -> Result<(), crate::backend::BackendError> {
@@ -101,7 +180,12 @@ impl WarmPool {
     }
 
     fn record_size(&self) {
-        ::metrics::gauge!(metrics::POOL_READY).set(self.ready_count() as f64);
+        let (count, bytes) = {
+            let ready = self.lock();
+            (ready.len(), ready.iter().map(|guest| guest.instance.memory_bytes()).sum::<u64>())
+        };
+        ::metrics::gauge!(metrics::POOL_READY, "template" => self.name.clone()).set(count as f64);
+        ::metrics::gauge!(metrics::POOL_MEMORY_BYTES, "template" => self.name.clone()).set(bytes as f64);
     }
 }
 

@@ -24,8 +24,13 @@ use crate::{
     api::{files::FilesService, processes::ProcessesService, sandboxes::SandboxesService, ApiContext},
     audit::{AuditError, AuditLog},
     auth::ApiKeys,
-    backend::{self, microvm::GuestImages, BackendChoice, SelectError},
+    backend::{
+        self,
+        microvm::{vmm_process::RestoreMemory, GuestImages},
+        BackendChoice, MicroVmOptions, SelectError,
+    },
     manager::{Policy, SandboxManager},
+    pool::PoolConfig,
     metrics::{self, MetricsError},
 };
 
@@ -40,11 +45,12 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub backend: BackendChoice,
     pub guest_images: Option<GuestImages>,
+    pub restore_memory: RestoreMemory,
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
     pub agent_binary: PathBuf,
     pub templates: BTreeMap<String, Option<PathBuf>>,
-    pub pool_size: usize,
+    pub pool: PoolConfig,
     pub policy: Policy,
     pub api_keys: ApiKeys,
 }
@@ -80,9 +86,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     if let Some(addr) = config.metrics_listen {
         metrics::install(addr)?;
     }
-    let backend = backend::select(config.backend, &config.state_dir, &config.agent_binary, config.guest_images.clone())?;
+    let microvm = MicroVmOptions {
+        images: config.guest_images.clone(),
+        default_limits: config.policy.default_limits,
+        restore_memory: config.restore_memory,
+    };
+    let backend = backend::select(config.backend, &config.state_dir, &config.agent_binary, microvm).await?;
     tracing::info!(backend = backend.kind().as_str(), "backend ready");
-    let manager = SandboxManager::new(backend, config.templates.clone(), config.policy.clone(), config.pool_size);
+    let manager = SandboxManager::new(backend, config.templates.clone(), config.policy.clone(), config.pool);
     let context = ApiContext { manager: Arc::clone(&manager), audit: AuditLog::open(&config.audit_log)? };
     let reaper = tokio::spawn(expire_forever(context.clone()));
 

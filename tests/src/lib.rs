@@ -38,11 +38,13 @@ pub struct DaemonOptions {
     /// `jail` or `microvm`.
     pub backend: &'static str,
     pub extra_args: Vec<String>,
+    /// Serve Prometheus metrics on a free port (see [`Daemon::metrics`]).
+    pub metrics: bool,
 }
 
 impl Default for DaemonOptions {
     fn default() -> Self {
-        Self { api_keys: None, pool_size: 1, backend: "jail", extra_args: Vec::new() }
+        Self { api_keys: None, pool_size: 1, backend: "jail", extra_args: Vec::new(), metrics: false }
     }
 }
 
@@ -51,6 +53,7 @@ pub struct Daemon {
     child: Child,
     pub endpoint: String,
     pub state_dir: PathBuf,
+    metrics_addr: Option<String>,
 }
 
 impl Daemon {
@@ -59,9 +62,10 @@ impl Daemon {
         let state_dir = std::env::temp_dir().join(format!("sandboxd-test-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
+        let metrics_addr = options.metrics.then(|| format!("127.0.0.1:{}", free_port()));
         let mut command = Command::new(binary("sandboxd"));
         command
-            .args(["serve", "--backend", options.backend, "--metrics-listen", "off"])
+            .args(["serve", "--backend", options.backend, "--metrics-listen", metrics_addr.as_deref().unwrap_or("off")])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
@@ -75,7 +79,7 @@ impl Daemon {
             command.env("SANDBOXD_API_KEYS", keys);
         }
         let child = command.spawn().expect("start sandboxd");
-        let daemon = Daemon { child, endpoint: format!("http://127.0.0.1:{port}"), state_dir };
+        let daemon = Daemon { child, endpoint: format!("http://127.0.0.1:{port}"), state_dir, metrics_addr };
         daemon.wait_until_serving().await;
         daemon
     }
@@ -105,6 +109,17 @@ impl Daemon {
     /// The daemon's audit log.
     pub fn audit_log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("audit.log")).unwrap_or_default()
+    }
+
+    /// The value of one Prometheus sample, such as
+    /// `sandboxd_pool_ready{template="default"}`, if the daemon exports it.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let addr = self.metrics_addr.as_ref().expect("start the daemon with metrics: true");
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).ok()?;
+        text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// Whether the daemon process is still running.

@@ -65,6 +65,13 @@ pub enum BackendError {
 pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
 
+    /// Whether a guest's memory and CPUs can change after launch (through
+    /// [`Instance::set_limits`]); if not, a pooled guest only serves
+    /// Creates that ask for the pool's shape.
+    fn resizes_guests(&self) -> bool {
+        true
+    }
+
     /// Launches a guest and returns once its agent answers `Hello`.
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError>;
 }
@@ -80,6 +87,21 @@ pub trait Instance: Send + Sync {
 
     /// Continues a paused guest.
     async fn resume(&self) -> Result<(), BackendError>;
+
+    /// Sets the guest aside for a long time, releasing what it can: a
+    /// microVM is snapshotted to disk and its VMM ends. By default the guest
+    /// is paused in place.
+    async fn suspend(&self) -> Result<(), BackendError> {
+        self.pause().await
+    }
+
+    /// Brings back a suspended guest with its files and processes.
+    async fn wake(&self) -> Result<(), BackendError> {
+        self.resume().await
+    }
+
+    /// Host memory the guest uses now, in bytes (its cgroup's count).
+    fn memory_bytes(&self) -> u64;
 
     /// Changes the limits of a running guest.
     async fn set_limits(&self, limits: ResourceLimits) -> Result<(), BackendError>;
@@ -109,16 +131,26 @@ pub enum SelectError {
     JailUnavailable(String),
 }
 
+/// What the microvm backend needs besides the host's support.
+pub struct MicroVmOptions {
+    /// What microVMs boot, when configured.
+    pub images: Option<microvm::GuestImages>,
+    /// The shape of the default template's guest.
+    pub default_limits: ResourceLimits,
+    pub restore_memory: microvm::vmm_process::RestoreMemory,
+}
+
 /// Builds the backend the flag asks for, saying in one line why `auto`
-/// did not pick microvm. `images` are what microVMs boot, when configured.
-pub fn select(
+/// did not pick microvm. For microvm it first builds (or reuses) the
+/// default template under `state_dir`.
+pub async fn select(
     choice: BackendChoice,
     state_dir: &Path,
     agent_binary: &Path,
-    images: Option<microvm::GuestImages>,
+    options: MicroVmOptions,
 ) -> Result<Arc<dyn Backend>, SelectError> {
     let host = sandbox_vmm::probe::probe_host();
-    let microvm = match (host.microvms, images) {
+    let microvm = match (host.microvms, options.images) {
         (false, _) => Err(host.reason),
         (true, None) => Err("no guest kernel and root image are configured (--kernel, --rootfs-image)".to_string()),
         (true, Some(images)) => Ok(images),
@@ -131,7 +163,13 @@ pub fn select(
             jail_backend(state_dir, agent_binary)
         }
         (BackendChoice::Auto | BackendChoice::MicroVm, Ok(images)) => {
-            let backend = microvm::MicroVmBackend::new(state_dir.join("microvms"), images).map_err(SelectError::MicroVmUnavailable)?;
+            let microvms = state_dir.join("microvms");
+            // Checks the images before a template is built from them.
+            microvm::MicroVmBackend::new(microvms.clone(), images.clone(), None, options.restore_memory)
+                .map_err(SelectError::MicroVmUnavailable)?;
+            let template = microvm::default_template(state_dir, &images, options.default_limits).await;
+            let backend = microvm::MicroVmBackend::new(microvms, images, template, options.restore_memory)
+                .map_err(SelectError::MicroVmUnavailable)?;
             Ok(Arc::new(backend))
         }
     }

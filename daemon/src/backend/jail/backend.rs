@@ -105,6 +105,10 @@ impl Instance for JailInstance {
         blocking(move || jail.set_limits(&jail_limits(limits))).await.map_err(control_error("limit"))
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.jail.memory_bytes()
+    }
+
     fn is_alive(&self) -> bool {
         self.jail.is_alive()
     }

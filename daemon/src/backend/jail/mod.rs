@@ -144,6 +144,11 @@ impl Jail {
         Ok(self.cgroup.thaw()?)
     }
 
+    /// Memory the jail uses now, in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.cgroup.memory_bytes()
+    }
+
     pub fn set_limits(&self, limits: &JailLimits) -> Result<(), JailError> {
         Ok(self.cgroup.set_limits(limits)?)
     }

@@ -1,16 +1,17 @@
 //! The microvm backend: each sandbox is a KVM microVM run by its own
-//! `sandboxd vmm` process, in its own cgroup, booting the template's kernel
-//! with its root image behind a copy-on-write overlay. The guest agent is
-//! the VM's init and serves on vsock port 1024, reached through the VMM's
-//! vsock unix socket.
+//! `sandboxd vmm` process, in its own cgroup, with the template's root image
+//! behind a copy-on-write overlay. A sandbox is restored from its
+//! template's snapshot when there is one (cold boot otherwise). The guest
+//! agent is the VM's init and serves on vsock port 1024, reached through
+//! the VMM's vsock unix socket. Suspending a sandbox snapshots it to disk
+//! and ends its VMM; waking it restores that snapshot.
+
+pub mod vmm_process;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sandbox_proto::agent::agent_client::AgentClient;
@@ -20,16 +21,17 @@ use super::{
     cgroup::{self, Cgroup, CgroupFlavor, Limits},
     Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits,
 };
-use crate::agent_client::{self, AgentAddress};
+use crate::{agent_client, metrics, template::{Template, GUEST_CMDLINE}};
+use vmm_process::{vmm_config, RestoreMemory, VmProcess, VmSource};
 
 /// How long a booting guest has to answer `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
-/// The agent's vsock port.
-const AGENT_PORT: u32 = 1024;
-const GUEST_CID: u64 = 3;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a restored guest has to answer `Hello`.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Memory the VMM process needs beyond guest RAM.
 const VMM_OVERHEAD_MIB: u64 = 64;
-const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=/sbin/init quiet";
+/// A suspended sandbox's snapshot, inside its directory.
+const SUSPENDED: &str = "suspended";
 
 /// The kernel and root image microVMs boot.
 #[derive(Clone, Debug)]
@@ -43,6 +45,9 @@ pub struct MicroVmBackend {
     launcher: PathBuf,
     images: GuestImages,
     cgroups: CgroupFlavor,
+    /// What a Create without a template restores.
+    default_template: Option<Template>,
+    restore_memory: RestoreMemory,
 }
 
 fn launch_error(context: &str) -> impl Fn(String) -> BackendError + '_ {
@@ -50,7 +55,14 @@ fn launch_error(context: &str) -> impl Fn(String) -> BackendError + '_ {
 }
 
 impl MicroVmBackend {
-    pub fn new(state_root: PathBuf, images: GuestImages) -> Result<Self, String> {
+    /// `default_template`, when given, is what a Create without a template
+    /// restores; without it such sandboxes boot cold.
+    pub fn new(
+        state_root: PathBuf,
+        images: GuestImages,
+        default_template: Option<Template>,
+        restore_memory: RestoreMemory,
+    ) -> Result<Self, String> {
         for (what, path, fix) in [
             ("guest kernel", &images.kernel, "build it with kernel-config/build.sh and pass --kernel"),
             ("guest root image", &images.rootfs, "build it with scripts/guest-image.sh and pass --rootfs-image"),
@@ -61,23 +73,19 @@ impl MicroVmBackend {
         }
         let launcher = std::env::current_exe().map_err(|e| format!("cannot find the sandboxd binary: {e}"))?;
         let cgroups = cgroup::detect().map_err(|e| e.to_string())?;
-        Ok(Self { state_root, launcher, images, cgroups })
+        Ok(Self { state_root, launcher, images, cgroups, default_template, restore_memory })
     }
 
-    fn vmm_config(&self, dir: &Path, spec: &LaunchSpec) -> serde_json::Value {
-        let rootfs = spec.rootfs.clone().unwrap_or_else(|| self.images.rootfs.clone());
-        serde_json::json!({
-            "boot": {
-                "kernel": self.images.kernel,
-                "cmdline": GUEST_CMDLINE,
-                "memory_mib": spec.limits.memory_mib,
-                "vcpus": spec.limits.vcpus.clamp(1, 32),
-            },
-            "drive": { "base": rootfs, "overlay": dir.join("overlay.img") },
-            "vsock": { "guest_cid": GUEST_CID, "uds": dir.join("vsock.sock") },
-            "serial_log": dir.join("serial.log"),
-            "control_socket": dir.join("control.sock"),
-        })
+    /// The template a spec names: the default one, or a template directory.
+    fn template_for(&self, spec: &LaunchSpec) -> Result<Option<Template>, BackendError> {
+        match &spec.rootfs {
+            None => Ok(self.default_template.clone()),
+            Some(dir) => Template::load(dir).map(Some).map_err(|e| BackendError::Launch(e.to_string())),
+        }
+    }
+
+    fn restore_source<'a>(&self, template: &'a Template, working_set: &'a Option<PathBuf>) -> VmSource<'a> {
+        VmSource::Restore { snapshot: &template.dir, memory: self.restore_memory, working_set: working_set.as_deref(), record: false }
     }
 }
 
@@ -89,100 +97,128 @@ fn cgroup_limits(limits: ResourceLimits) -> Limits {
     }
 }
 
+fn memory_label(memory: RestoreMemory, prefetch: bool) -> &'static str {
+    match (memory, prefetch) {
+        (RestoreMemory::MapPrivate, _) => "map_private",
+        (RestoreMemory::Uffd, true) => "uffd_prefetch",
+        (RestoreMemory::Uffd, false) => "uffd",
+    }
+}
+
 #[tonic::async_trait]
 impl Backend for MicroVmBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::MicroVm
     }
 
+    fn resizes_guests(&self) -> bool {
+        false
+    }
+
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
+        let template = self.template_for(&spec)?;
+        // A snapshot fixes guest memory and vCPUs; other shapes boot cold.
+        let (restorable, rootfs) = match template {
+            Some(t) if t.manifest.memory_mib == spec.limits.memory_mib && t.manifest.vcpus == spec.limits.vcpus => (Some(t), None),
+            Some(t) => (None, Some(t.manifest.rootfs)),
+            None => (None, None),
+        };
         let dir = self.state_root.join(&spec.id);
         std::fs::create_dir_all(&dir).map_err(|e| BackendError::Launch(format!("cannot create {}: {e}", dir.display())))?;
-        let config_path = dir.join("vmm.json");
-        std::fs::write(&config_path, self.vmm_config(&dir, &spec).to_string())
-            .map_err(|e| BackendError::Launch(format!("cannot write {}: {e}", config_path.display())))?;
         let cgroup = Cgroup::create(self.cgroups, &spec.id, &cgroup_limits(spec.limits))
             .map_err(|e| launch_error("cannot create the VMM's cgroup")(e.to_string()))?;
-        let child = Command::new(&self.launcher)
-            .arg("vmm")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| launch_error("cannot start the VMM process")(e.to_string()))?;
-        for procs in cgroup.procs_files() {
-            let _ = std::fs::write(procs, child.id().to_string());
-        }
-        let vm = Arc::new(VmProcess { dir: dir.clone(), child: Mutex::new(child), cgroup });
-        let address = AgentAddress::Vsock { uds: dir.join("vsock.sock"), port: AGENT_PORT };
-        match agent_client::wait_for_hello(address, HELLO_TIMEOUT).await {
-            Ok(agent) => Ok(Box::new(MicroVmInstance { vm, agent })),
+        let vm = Arc::new(MicroVm { process: VmProcess::new(dir.clone()), cgroup, launcher: self.launcher.clone() });
+        let (config, timeout, label) = match &restorable {
+            Some(template) => {
+                let working_set = template.working_set();
+                let config = vmm_config(&dir, &template.manifest.rootfs, &self.restore_source(template, &working_set));
+                (config, RESTORE_TIMEOUT, Some(memory_label(self.restore_memory, working_set.is_some())))
+            }
+            None => {
+                let rootfs = rootfs.as_deref().unwrap_or(&self.images.rootfs);
+                let boot = VmSource::Boot {
+                    kernel: &self.images.kernel,
+                    cmdline: GUEST_CMDLINE,
+                    memory_mib: spec.limits.memory_mib,
+                    vcpus: spec.limits.vcpus,
+                };
+                (vmm_config(&dir, rootfs, &boot), BOOT_TIMEOUT, None)
+            }
+        };
+        let agent = match vm.run(&config, timeout, label).await {
+            Ok(agent) => agent,
             Err(error) => {
-                let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
-                let tail: String = serial.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-                let _ = vm.destroy();
-                Err(BackendError::AgentTimeout(HELLO_TIMEOUT, format!("{error}; last console lines: {tail}")))
+                let _ = blocking("destroy", move || vm.destroy()).await;
+                return Err(error);
             }
-        }
+        };
+        Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), rootfs: config["drive"]["base"].as_str().map(PathBuf::from) }))
     }
 }
 
-/// One `sandboxd vmm` process and its cgroup.
-struct VmProcess {
-    dir: PathBuf,
-    child: Mutex<Child>,
+/// A sandbox's VMM process (or, while suspended, its directory) and cgroup.
+struct MicroVm {
+    process: VmProcess,
     cgroup: Cgroup,
+    launcher: PathBuf,
 }
 
-impl VmProcess {
-    /// Sends one control request and returns the reply.
-    fn control(&self, op: &str) -> Result<serde_json::Value, String> {
-        let stream = UnixStream::connect(self.dir.join("control.sock")).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-        writeln!(&stream, "{}", serde_json::json!({ "op": op })).map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).map_err(|e| e.to_string())?;
-        let reply: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-        match reply["ok"].as_bool() {
-            Some(true) => Ok(reply),
-            _ => Err(reply["error"].as_str().unwrap_or("the VMM refused").to_string()),
+impl MicroVm {
+    /// Starts the VMM with `config` and waits for the agent's hello; a
+    /// restore (`label`: its memory mode) is timed for the metrics. On
+    /// failure the VMM is stopped and the directory kept.
+    async fn run(self: &Arc<Self>, config: &serde_json::Value, timeout: Duration, label: Option<&'static str>) -> Result<AgentClient<Channel>, BackendError> {
+        let started = Instant::now();
+        self.process.start(&self.launcher, config, Some(&self.cgroup)).map_err(|e| BackendError::Launch(e.to_string()))?;
+        match agent_client::wait_for_hello(self.process.agent_address(), timeout).await {
+            Ok(agent) => {
+                if let Some(mode) = label {
+                    ::metrics::histogram!(metrics::RESTORE_SECONDS, "mode" => mode).record(started.elapsed().as_secs_f64());
+                }
+                Ok(agent)
+            }
+            Err(error) => {
+                let console = self.process.console_tail();
+                let vm = Arc::clone(self);
+                let _ = blocking("stop", move || {
+                    vm.process.stop();
+                    Ok(())
+                })
+                .await;
+                Err(BackendError::AgentTimeout(timeout, format!("{error}; last console lines: {console}")))
+            }
         }
     }
 
-    /// Whether the VMM still runs; says why when it died (a seccomp
-    /// violation kills it with SIGSYS).
-    fn is_alive(&self) -> bool {
-        use std::os::unix::process::ExitStatusExt;
-        match self.child.lock().unwrap_or_else(|p| p.into_inner()).try_wait() {
-            Ok(None) => true,
-            Ok(Some(status)) if status.signal() == Some(libc::SIGSYS) => {
-                tracing::error!(vmm = %self.dir.display(), "the VMM was killed by its seccomp filter (SIGSYS)");
-                false
-            }
-            Ok(Some(status)) => {
-                tracing::warn!(vmm = %self.dir.display(), %status, "the VMM exited");
-                false
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Asks the VMM to stop, then makes sure: kills what is left and
-    /// removes the cgroup and the sandbox's files.
+    /// Ends the VMM, then removes the cgroup and the sandbox's files.
     fn destroy(&self) -> Result<(), String> {
-        let _ = self.control("shutdown");
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = child.kill();
-        let _ = child.wait();
-        drop(child);
+        self.process.stop();
         self.cgroup.remove().map_err(|e| e.to_string())?;
-        std::fs::remove_dir_all(&self.dir).map_err(|e| e.to_string())
+        match std::fs::remove_dir_all(self.process.dir()) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    fn suspended_dir(&self) -> PathBuf {
+        self.process.dir().join(SUSPENDED)
+    }
+
+    /// Snapshots the VM into its directory and ends the VMM process.
+    fn suspend(&self) -> Result<(), String> {
+        let dir = self.suspended_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        self.process.control(serde_json::json!({ "op": "snapshot", "dir": dir })).map_err(|e| e.to_string())?;
+        self.process.stop();
+        Ok(())
     }
 }
 
 struct MicroVmInstance {
-    vm: Arc<VmProcess>,
-    agent: AgentClient<Channel>,
+    vm: Arc<MicroVm>,
+    agent: Mutex<AgentClient<Channel>>,
+    /// The root image the VM's disk overlays.
+    rootfs: Option<PathBuf>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -195,20 +231,40 @@ async fn blocking<T: Send + 'static>(
         .map_err(|reason| BackendError::Control { action, reason })
 }
 
+impl MicroVmInstance {
+    async fn control(&self, action: &'static str) -> Result<(), BackendError> {
+        let vm = Arc::clone(&self.vm);
+        blocking(action, move || vm.process.simple(action).map(drop).map_err(|e| e.to_string())).await
+    }
+}
+
 #[tonic::async_trait]
 impl Instance for MicroVmInstance {
     fn agent(&self) -> AgentClient<Channel> {
-        self.agent.clone()
+        self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     async fn pause(&self) -> Result<(), BackendError> {
-        let vm = Arc::clone(&self.vm);
-        blocking("pause", move || vm.control("pause").map(drop)).await
+        self.control("pause").await
     }
 
     async fn resume(&self) -> Result<(), BackendError> {
+        self.control("resume").await
+    }
+
+    async fn suspend(&self) -> Result<(), BackendError> {
         let vm = Arc::clone(&self.vm);
-        blocking("resume", move || vm.control("resume").map(drop)).await
+        blocking("suspend", move || vm.suspend()).await
+    }
+
+    async fn wake(&self) -> Result<(), BackendError> {
+        let dir = self.vm.process.dir().to_path_buf();
+        let snapshot = self.vm.suspended_dir();
+        let rootfs = self.rootfs.clone().ok_or_else(|| BackendError::Control { action: "wake", reason: "no root image".into() })?;
+        let source = VmSource::Restore { snapshot: &snapshot, memory: RestoreMemory::MapPrivate, working_set: None, record: false };
+        let agent = self.vm.run(&vmm_config(&dir, &rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await?;
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = agent;
+        Ok(())
     }
 
     async fn set_limits(&self, limits: ResourceLimits) -> Result<(), BackendError> {
@@ -217,12 +273,43 @@ impl Instance for MicroVmInstance {
         blocking("limit", move || vm.cgroup.set_limits(&cgroup_limits(limits)).map_err(|e| e.to_string())).await
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.vm.cgroup.memory_bytes()
+    }
+
     fn is_alive(&self) -> bool {
-        self.vm.is_alive()
+        self.vm.process.is_alive()
     }
 
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         let vm = self.vm;
         blocking("destroy", move || vm.destroy()).await
+    }
+}
+
+/// Builds (or reuses) the default template for `images` under `state_dir`,
+/// logging progress; `None` when it cannot be built (Creates then boot cold).
+pub async fn default_template(state_dir: &Path, images: &GuestImages, limits: ResourceLimits) -> Option<Template> {
+    let launcher = std::env::current_exe().ok()?;
+    let options = crate::template::BuildOptions {
+        kernel: images.kernel.clone(),
+        rootfs: images.rootfs.clone(),
+        memory_mib: limits.memory_mib,
+        vcpus: limits.vcpus,
+        out: state_dir.join("templates").join("default"),
+        launcher,
+    };
+    if let Ok(template) = Template::load(&options.out) {
+        if options.matches(&template) {
+            tracing::info!(template = %options.out.display(), "using the default template's snapshot");
+            return Some(template);
+        }
+    }
+    match crate::template::build(&options, &|line| tracing::info!("template build: {line}")).await {
+        Ok(template) => Some(template),
+        Err(error) => {
+            tracing::error!(%error, "cannot build the default template; sandboxes will boot cold");
+            None
+        }
     }
 }
