@@ -35,9 +35,26 @@ fn set_clock(unix_ns: i64) {
 }
 
 /// Adds the bytes to the kernel's entropy pool, crediting them when
-/// permitted (RNDADDENTROPY), else mixing them in by writing /dev/urandom.
+/// permitted (RNDADDENTROPY), else mixing them in by writing /dev/urandom,
+/// then has the kernel reseed its CRNG from the pool at once
+/// (RNDRESEEDCRNG): a CRNG that is already seeded only reseeds on its own
+/// schedule, so without this, clones of one snapshot would keep producing
+/// the same random bytes for a while. In a jail (no CAP_SYS_ADMIN, and the
+/// host's RNG, which no other sandbox shares a snapshot of) the reseed is
+/// refused and skipped.
 fn mix_entropy(entropy: &[u8]) -> std::io::Result<()> {
-    let mut urandom = OpenOptions::new().write(true).open("/dev/urandom")?;
+    let urandom = OpenOptions::new().write(true).open("/dev/urandom")?;
+    add_entropy(&urandom, entropy)?;
+    // RNDRESEEDCRNG = _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: an ioctl without an argument on an open /dev/urandom.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "CRNG not reseeded");
+    }
+    Ok(())
+}
+
+fn add_entropy(mut urandom: &std::fs::File, entropy: &[u8]) -> std::io::Result<()> {
     #[repr(C)]
     struct PoolInfo {
         entropy_count: libc::c_int,

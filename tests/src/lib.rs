@@ -38,13 +38,23 @@ pub struct DaemonOptions {
     /// `jail` or `microvm`.
     pub backend: &'static str,
     pub extra_args: Vec<String>,
-    /// Serve Prometheus metrics on a free port (see [`Daemon::metrics`]).
+    /// Serve Prometheus metrics on a free port (see [`Daemon::metric`]).
     pub metrics: bool,
+    /// How long the daemon may take to start serving (a microVM daemon
+    /// builds its default template first).
+    pub start_timeout: Duration,
 }
 
 impl Default for DaemonOptions {
     fn default() -> Self {
-        Self { api_keys: None, pool_size: 1, backend: "jail", extra_args: Vec::new(), metrics: false }
+        Self {
+            api_keys: None,
+            pool_size: 1,
+            backend: "jail",
+            extra_args: Vec::new(),
+            metrics: false,
+            start_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -80,12 +90,12 @@ impl Daemon {
         }
         let child = command.spawn().expect("start sandboxd");
         let daemon = Daemon { child, endpoint: format!("http://127.0.0.1:{port}"), state_dir, metrics_addr };
-        daemon.wait_until_serving().await;
+        daemon.wait_until_serving(options.start_timeout).await;
         daemon
     }
 
-    async fn wait_until_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    async fn wait_until_serving(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(channel) = Channel::from_shared(self.endpoint.clone()).unwrap().connect().await {
                 if health_is_serving(channel).await {
@@ -94,7 +104,7 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("sandboxd did not start serving on {} within 30 s", self.endpoint);
+        panic!("sandboxd did not start serving on {} within {timeout:?}", self.endpoint);
     }
 
     pub async fn channel(&self) -> Channel {
