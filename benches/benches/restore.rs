@@ -2,9 +2,11 @@
 //! snapshot → first guest instruction after restore, MAP_PRIVATE against
 //! userfaultfd, for a 256 MiB VM; and the time until a 32 MiB working set is
 //! resident and used, recorded-working-set prefetch against fault by fault.
+//! The first pair also prints p50/p99 over every restore it timed.
 
 #[path = "../../vmm/tests/support/mod.rs"]
 mod support;
+mod vmm_process;
 
 use std::{
     path::{Path, PathBuf},
@@ -107,7 +109,9 @@ fn first_instruction(c: &mut Criterion) {
     let files = snapshot_payload(&dir, COUNTER_BODY);
     let state = Arc::new(snapshot::load_state(&files).unwrap());
     let mut group = c.benchmark_group("restore_to_first_instruction_256mib");
+    let mut all_samples = Vec::new();
     for (label, private) in [("map_private", true), ("uffd", false)] {
+        let mut samples = Vec::new();
         group.bench_function(label, |b| {
             b.iter_custom(|iterations| {
                 let mut total = Duration::ZERO;
@@ -121,14 +125,21 @@ fn first_instruction(c: &mut Criterion) {
                     while counter(&vm) == paused_at {
                         std::hint::spin_loop();
                     }
-                    total += started.elapsed();
+                    let spent = started.elapsed();
+                    samples.push(spent);
+                    total += spent;
                     vm.stop();
                 }
                 total
             })
         });
+        all_samples.push((label, samples));
     }
     group.finish();
+    for (label, mut samples) in all_samples {
+        let (p50, p99) = vmm_process::percentiles(&mut samples);
+        println!("restore_to_first_instruction_256mib/{label}: p50 {p50:.3?}  p99 {p99:.3?}  over {} restores", samples.len());
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -102,9 +102,13 @@ pub async fn wait_for_hello(
     let mut pause = Duration::from_millis(2);
     loop {
         let mut agent = client(channel(address.clone()));
-        let last_error = match agent.hello(HelloRequest {}).await {
-            Ok(_) => return Ok(agent),
-            Err(status) => status.message().to_string(),
+        // A guest that accepts the connection but never answers must not
+        // hold the caller past its deadline.
+        let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+        let last_error = match tokio::time::timeout(left, agent.hello(HelloRequest {})).await {
+            Ok(Ok(_)) => return Ok(agent),
+            Ok(Err(status)) => status.message().to_string(),
+            Err(_) => "the connection opened but Hello got no answer".to_string(),
         };
         if started.elapsed() >= timeout {
             return Err(AgentClientError::NoHello { address, waited: timeout, last_error });

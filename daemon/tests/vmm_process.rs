@@ -118,8 +118,20 @@ fn vmm_process_is_controlled_snapshotted_and_restored_in_a_fresh_process() {
     clone.wait_for_more_output(0);
     let stats = clone.request(serde_json::json!({ "op": "stats" }));
     assert!(stats["uffd"]["faults"].as_u64().unwrap() > 0, "the restored guest's memory came through userfaultfd: {stats}");
-    assert_eq!(clone.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
-    assert!(clone.child.wait().unwrap().success());
+
+    // Snapshotting over the snapshot the clone runs from leaves the clone
+    // running (its memory file is replaced, not rewritten in place).
+    let reply = clone.request(serde_json::json!({ "op": "snapshot", "dir": snapshot_dir }));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(clone.request(serde_json::json!({ "op": "resume" }))["ok"], true);
+    clone.wait_for_more_output(clone.serial_output());
+    let restore = serde_json::json!({ "restore": { "snapshot_dir": snapshot_dir, "memory": "map_private" } });
+    let mut again = Vmm::start(&dir, "again", restore);
+    again.wait_for_more_output(0);
+    for vmm in [&mut clone, &mut again] {
+        assert_eq!(vmm.request(serde_json::json!({ "op": "shutdown" }))["ok"], true);
+        assert!(vmm.child.wait().unwrap().success());
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -328,16 +328,27 @@ impl MicroVm {
     }
 
     /// Parks every vCPU outside KVM_RUN.
+    /// Parks every vCPU outside KVM_RUN, then stops the devices' own
+    /// threads from touching guest memory, so that a snapshot sees memory
+    /// and device state that agree.
     pub fn pause(&self) -> Result<(), MicroVmError> {
         for vcpu in &self.vcpus {
             vcpu.pause(PAUSE_TIMEOUT)?;
         }
+        self.set_devices_paused(true);
         Ok(())
     }
 
     pub fn resume(&self) {
+        self.set_devices_paused(false);
         for vcpu in &self.vcpus {
             vcpu.resume();
+        }
+    }
+
+    fn set_devices_paused(&self, paused: bool) {
+        for transport in &self.virtio {
+            transport.lock().unwrap_or_else(|p| p.into_inner()).set_paused(paused);
         }
     }
 

@@ -229,9 +229,37 @@ fn a_restored_device_resets_old_connections_and_takes_new_ones() {
     driver.queues = std::mem::take(&mut guest.driver.queues);
     let mut clone = Guest { driver, control, uds };
     clone.expect_transport_reset();
+
+    // Until the guest hands its event buffer back (it has then dropped its
+    // old connections), a new host connection waits.
+    let mut early = UnixStream::connect(&clone.uds).unwrap();
+    early.write_all(b"CONNECT 1024\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(clone.driver.pop_used(RX_QUEUE), None, "no connection request before the reset is handled");
+    let event = clone.driver.buffer(&[0xff; 8]);
+    clone.driver.submit(EVENT_QUEUE, &[(event, 8, true)]);
+    let (request, _) = clone.receive();
+    let (op, dst) = (request.op, request.dst_port);
+    assert_eq!((op, dst), (OP_REQUEST, 1024), "the held connection goes ahead");
+
     let (mut stream, host_port) = host_connect(&mut clone, 1024);
     stream.write_all(b"after restore").unwrap();
     let (packet, payload) = clone.receive();
     let (op, src) = (packet.op, packet.src_port);
     assert_eq!((op, src, payload.as_slice()), (OP_RW, host_port, &b"after restore"[..]));
+}
+
+#[test]
+fn a_paused_device_leaves_guest_memory_alone_until_resumed() {
+    let mut guest = Guest::new("paused");
+    guest.driver.transport.set_paused(true);
+    let used = guest.driver.used_idx(RX_QUEUE);
+    let mut stream = UnixStream::connect(&guest.uds).unwrap();
+    stream.write_all(b"CONNECT 1024\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(guest.driver.used_idx(RX_QUEUE), used, "nothing is written into the paused guest's queues");
+    guest.driver.transport.set_paused(false);
+    let (request, _) = guest.receive();
+    let op = request.op;
+    assert_eq!(op, OP_REQUEST, "the connection goes ahead once the VM runs again");
 }

@@ -124,8 +124,12 @@ fn not_paused(error: VcpuError) -> SnapshotError {
 }
 
 /// Writes guest RAM to `path`, skipping zero pages (left as holes).
+/// The file is written under another name and renamed into place: a VM
+/// restored from a snapshot in the same place still maps the old file,
+/// which must not change under it.
 fn write_memory(memory: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
-    let file = OpenOptions::new().create(true).write(true).truncate(true).open(path).map_err(io_error("create", path))?;
+    let partial = path.with_extension("partial");
+    let file = OpenOptions::new().create(true).write(true).truncate(true).open(&partial).map_err(io_error("create", &partial))?;
     let mut offset = 0u64;
     for region in memory.iter() {
         let len = region.len();
@@ -134,13 +138,14 @@ fn write_memory(memory: &GuestMemory, path: &Path) -> Result<u64, SnapshotError>
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len as usize) };
         for (index, page) in bytes.chunks(crate::uffd::PAGE_SIZE as usize).enumerate() {
             if page.iter().any(|&b| b != 0) {
-                file.write_all_at(page, offset + index as u64 * crate::uffd::PAGE_SIZE).map_err(io_error("write", path))?;
+                file.write_all_at(page, offset + index as u64 * crate::uffd::PAGE_SIZE).map_err(io_error("write", &partial))?;
             }
         }
         offset += len;
     }
-    file.set_len(offset).map_err(io_error("size", path))?;
-    file.sync_all().map_err(io_error("sync", path))?;
+    file.set_len(offset).map_err(io_error("size", &partial))?;
+    file.sync_all().map_err(io_error("sync", &partial))?;
+    std::fs::rename(&partial, path).map_err(io_error("rename", path))?;
     Ok(offset)
 }
 

@@ -300,6 +300,11 @@ impl BusDevice for MmioTransport {
 }
 
 impl MmioTransport {
+    /// Stops or restarts the device's work on guest memory outside vCPU exits.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.device.set_paused(paused);
+    }
+
     /// Lets the device write its host-side data into a snapshot directory.
     pub fn save_backing(&mut self, dir: &std::path::Path, slot: usize) -> Result<(), VirtioError> {
         self.device.save_backing(dir, slot)
@@ -349,6 +354,8 @@ impl Persist for MmioTransport {
         transport.driver_features = state.driver_features;
         transport.status = state.status;
         transport.config_generation = state.config_generation;
+        // Before re-activation, which may already raise the interrupt.
+        transport.interrupt.restore_status(state.interrupt_status);
         if state.activated {
             transport
                 .device
@@ -359,7 +366,6 @@ impl Persist for MmioTransport {
         } else {
             transport.queues = queues;
         }
-        transport.interrupt.restore_status(state.interrupt_status);
         Ok(transport)
     }
 }

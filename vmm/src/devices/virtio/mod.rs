@@ -99,6 +99,9 @@ pub trait VirtioDevice: Send {
     /// Called once after the device was re-activated from a snapshot, before
     /// the guest runs again.
     fn restored(&mut self) {}
+    /// While paused, a device with threads of its own (vsock) must not touch
+    /// guest memory; it catches up when unpaused.
+    fn set_paused(&mut self, _paused: bool) {}
     /// Writes the host-side data the device keeps outside guest memory (a
     /// disk's overlay) into the snapshot directory `dir`, as slot `slot`.
     fn save_backing(&mut self, _dir: &Path, _slot: usize) -> Result<(), VirtioError> {

@@ -93,8 +93,10 @@ impl VirtioDevice for Vsock {
 
     fn process_queue(&mut self, index: usize) {
         let mut muxer = lock(&self.muxer);
-        if index == TX_QUEUE {
-            muxer.process_tx();
+        match index {
+            TX_QUEUE => muxer.process_tx(),
+            EVENT_QUEUE => muxer.event_buffers_returned(),
+            _ => {}
         }
         muxer.fill_rx();
     }
@@ -105,6 +107,10 @@ impl VirtioDevice for Vsock {
 
     fn queue_states(&self) -> Vec<QueueState> {
         lock(&self.muxer).queue_states()
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        lock(&self.muxer).set_paused(paused);
     }
 
     /// Connections from before the snapshot cannot continue: the guest

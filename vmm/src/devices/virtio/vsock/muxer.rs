@@ -96,6 +96,15 @@ pub struct Muxer {
     connections: HashMap<Key, Connection>,
     pending_rx: VecDeque<(PacketHeader, Vec<u8>)>,
     pending_events: u32,
+    /// A transport reset was sent and the guest has not yet handed back
+    /// its event buffer (which it does once it has dropped its old
+    /// connections); new host connections wait in `held_requests`, since
+    /// the reset would also drop them.
+    reset_unacknowledged: bool,
+    held_requests: Vec<Key>,
+    /// The VM is paused: host data waits in `pending_rx`, guest memory is
+    /// left alone.
+    paused: bool,
     next_host_port: u32,
     active: Option<(GuestMemory, Vec<Queue>, Arc<Interrupt>)>,
 }
@@ -115,7 +124,10 @@ impl Muxer {
             connections: HashMap::new(),
             pending_rx: VecDeque::new(),
             pending_events: 0,
-            next_host_port: FIRST_HOST_PORT,
+            reset_unacknowledged: false,
+            held_requests: Vec::new(),
+            paused: false,
+            next_host_port: first_host_port()?,
             active: None,
         })
     }
@@ -129,6 +141,13 @@ impl Muxer {
         self.active.as_ref().map_or_else(Vec::new, |(_, queues, _)| queues.iter().map(Queue::state).collect())
     }
 
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        if !paused {
+            self.fill_rx();
+        }
+    }
+
     pub fn deactivate(&mut self) {
         self.active = None;
         self.connections.clear();
@@ -138,7 +157,23 @@ impl Muxer {
     pub fn reset_connections(&mut self) {
         self.connections.clear();
         self.pending_rx.clear();
+        self.held_requests.clear();
         self.pending_events += 1;
+        self.reset_unacknowledged = true;
+        self.deliver_events();
+    }
+
+    /// The guest made event buffers available: after a delivered reset,
+    /// that means it has handled it, so held connections go ahead.
+    pub fn event_buffers_returned(&mut self) {
+        if self.reset_unacknowledged && self.pending_events == 0 {
+            self.reset_unacknowledged = false;
+            for key in std::mem::take(&mut self.held_requests) {
+                if self.connections.contains_key(&key) {
+                    self.send(key, OP_REQUEST, Vec::new());
+                }
+            }
+        }
         self.deliver_events();
     }
 
@@ -287,6 +322,9 @@ impl Muxer {
 
     /// Copies pending packets into the guest's receive buffers.
     pub fn fill_rx(&mut self) {
+        if self.paused {
+            return;
+        }
         let Some((memory, mut queues, interrupt)) = self.active.take() else { return };
         let mut used = false;
         while let Some((mut header, mut payload)) = self.pending_rx.pop_front() {
@@ -320,6 +358,9 @@ impl Muxer {
     }
 
     fn deliver_events(&mut self) {
+        if self.paused {
+            return;
+        }
         let Some((memory, mut queues, interrupt)) = self.active.take() else { return };
         let mut used = false;
         while self.pending_events > 0 {
@@ -343,7 +384,16 @@ impl Muxer {
             self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
             self.add_stream(key, Connection::new(stream, false));
             self.watch(key, false);
-            self.send(key, OP_REQUEST, Vec::new());
+            if self.reset_unacknowledged {
+                self.held_requests.push(key);
+                // The reset may have been signalled before the vCPUs ran:
+                // raise the interrupt again so that the guest looks.
+                if let Some((_, _, interrupt)) = &self.active {
+                    interrupt.signal_used_queue();
+                }
+            } else {
+                self.send(key, OP_REQUEST, Vec::new());
+            }
         }
     }
 
@@ -374,6 +424,18 @@ impl Muxer {
             _ => {}
         }
     }
+}
+
+/// Where the ports of host-initiated connections start: a random point
+/// above [`FIRST_HOST_PORT`]. A device restored from a snapshot starts
+/// afresh while the guest may not yet have dropped the connections it had
+/// at the snapshot (it learns of the transport reset asynchronously); a new
+/// connection that reused an old port would reach such a stale socket
+/// instead of the listener.
+fn first_host_port() -> std::io::Result<u32> {
+    let mut bytes = [0u8; 4];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(FIRST_HOST_PORT + (u32::from_le_bytes(bytes) >> 3))
 }
 
 /// Reads `CONNECT <port>\n` from a new host stream (within one second).
