@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the sandbox.v1 gRPC API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Build microVM templates.
     #[command(subcommand)]
     Template(TemplateCommand),

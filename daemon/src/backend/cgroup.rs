@@ -163,7 +163,9 @@ impl Cgroup {
     }
 
     fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
-        let (file, value, state_file, done): (&str, &str, &str, &dyn Fn(&str) -> bool) = match (self.flavor, frozen) {
+        // (file to write, value, file to watch, whether it shows the new state)
+        type Freeze<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&str) -> bool);
+        let (file, value, state_file, done): Freeze<'_> = match (self.flavor, frozen) {
             (CgroupFlavor::V1, true) => ("freezer.state", "FROZEN", "freezer.state", &|s| s.trim() == "FROZEN"),
             (CgroupFlavor::V1, false) => ("freezer.state", "THAWED", "freezer.state", &|s| s.trim() == "THAWED"),
             (CgroupFlavor::V2, true) => ("cgroup.freeze", "1", "cgroup.events", &|s| s.lines().any(|l| l == "frozen 1")),

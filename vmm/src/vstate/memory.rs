@@ -37,7 +37,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// Creates `size_bytes` of guest memory in a fresh memfd and returns the
 /// memory and the file (laid out as the ranges of [`ram_ranges`], back to back).
 pub fn create_guest_memory(size_bytes: u64) -> Result<(GuestMemory, File), MemoryError> {
-    if size_bytes == 0 || size_bytes % 4096 != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(MemoryError::Unaligned(size_bytes));
     }
     let name = CString::new("sandboxd-guest-memory").expect("no NUL in a literal");

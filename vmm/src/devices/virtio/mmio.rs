@@ -197,10 +197,8 @@ impl MmioTransport {
                     queue.set_ready(value == 1);
                 }
             }
-            0x050 => {
-                if self.activated && (value as usize) < self.device.queue_max_sizes().len() {
-                    self.device.process_queue(value as usize);
-                }
+            0x050 if self.activated && (value as usize) < self.device.queue_max_sizes().len() => {
+                self.device.process_queue(value as usize);
             }
             0x064 => self.interrupt.acknowledge(value),
             0x070 => self.set_status(value),
