@@ -116,43 +116,55 @@ impl Backend for MicroVmBackend {
     }
 
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
-        let template = self.template_for(&spec)?;
-        // A snapshot fixes guest memory and vCPUs; other shapes boot cold.
-        let (restorable, rootfs) = match template {
-            Some(t) if t.manifest.memory_mib == spec.limits.memory_mib && t.manifest.vcpus == spec.limits.vcpus => (Some(t), None),
-            Some(t) => (None, Some(t.manifest.rootfs)),
-            None => (None, None),
-        };
         let dir = self.state_root.join(&spec.id);
+        let plan = self.plan(&spec, &dir)?;
         std::fs::create_dir_all(&dir).map_err(|e| BackendError::Launch(format!("cannot create {}: {e}", dir.display())))?;
         let cgroup = Cgroup::create(self.cgroups, &spec.id, &cgroup_limits(spec.limits))
             .map_err(|e| launch_error("cannot create the VMM's cgroup")(e.to_string()))?;
-        let vm = Arc::new(MicroVm { process: VmProcess::new(dir.clone()), cgroup, launcher: self.launcher.clone() });
-        let (config, timeout, label) = match &restorable {
-            Some(template) => {
-                let working_set = template.working_set();
-                let config = vmm_config(&dir, &template.manifest.rootfs, &self.restore_source(template, &working_set));
-                (config, RESTORE_TIMEOUT, Some(memory_label(self.restore_memory, working_set.is_some())))
-            }
-            None => {
-                let rootfs = rootfs.as_deref().unwrap_or(&self.images.rootfs);
-                let boot = VmSource::Boot {
-                    kernel: &self.images.kernel,
-                    cmdline: GUEST_CMDLINE,
-                    memory_mib: spec.limits.memory_mib,
-                    vcpus: spec.limits.vcpus,
-                };
-                (vmm_config(&dir, rootfs, &boot), BOOT_TIMEOUT, None)
-            }
-        };
-        let agent = match vm.run(&config, timeout, label).await {
-            Ok(agent) => agent,
+        let vm = Arc::new(MicroVm { process: VmProcess::new(dir), cgroup, launcher: self.launcher.clone() });
+        match vm.run(&plan.config, plan.timeout, plan.restore_label).await {
+            Ok(agent) => Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), rootfs: plan.rootfs })),
             Err(error) => {
                 let _ = blocking("destroy", move || vm.destroy()).await;
-                return Err(error);
+                Err(error)
             }
+        }
+    }
+}
+
+/// How a new sandbox's VMM starts.
+struct LaunchPlan {
+    config: serde_json::Value,
+    /// The root image its disk overlays.
+    rootfs: PathBuf,
+    /// How long its agent has to answer.
+    timeout: Duration,
+    /// For a restore, its memory mode as the metrics label it.
+    restore_label: Option<&'static str>,
+}
+
+impl MicroVmBackend {
+    /// A restore of the spec's template when the template has the spec's
+    /// memory and vCPUs (a snapshot fixes both), else a cold boot.
+    fn plan(&self, spec: &LaunchSpec, dir: &Path) -> Result<LaunchPlan, BackendError> {
+        let template = self.template_for(spec)?;
+        if let Some(template) = template.as_ref().filter(|t| (t.manifest.memory_mib, t.manifest.vcpus) == (spec.limits.memory_mib, spec.limits.vcpus)) {
+            let working_set = template.working_set();
+            return Ok(LaunchPlan {
+                config: vmm_config(dir, &template.manifest.rootfs, &self.restore_source(template, &working_set)),
+                rootfs: template.manifest.rootfs.clone(),
+                timeout: RESTORE_TIMEOUT,
+                restore_label: Some(memory_label(self.restore_memory, working_set.is_some())),
+            });
+        }
+        let rootfs = template.map_or_else(|| self.images.rootfs.clone(), |t| t.manifest.rootfs);
+        let boot = VmSource::Boot {
+            kernel: &self.images.kernel,
+            cmdline: GUEST_CMDLINE,
+            memory_mib: spec.limits.memory_mib,
+            vcpus: spec.limits.vcpus,
         };
-        Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), rootfs: config["drive"]["base"].as_str().map(PathBuf::from) }))
+        Ok(LaunchPlan { config: vmm_config(dir, &rootfs, &boot), rootfs, timeout: BOOT_TIMEOUT, restore_label: None })
     }
 }
 
@@ -218,7 +230,7 @@ struct MicroVmInstance {
     vm: Arc<MicroVm>,
     agent: Mutex<AgentClient<Channel>>,
     /// The root image the VM's disk overlays.
-    rootfs: Option<PathBuf>,
+    rootfs: PathBuf,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -260,9 +272,8 @@ impl Instance for MicroVmInstance {
     async fn wake(&self) -> Result<(), BackendError> {
         let dir = self.vm.process.dir().to_path_buf();
         let snapshot = self.vm.suspended_dir();
-        let rootfs = self.rootfs.clone().ok_or_else(|| BackendError::Control { action: "wake", reason: "no root image".into() })?;
         let source = VmSource::Restore { snapshot: &snapshot, memory: RestoreMemory::MapPrivate, working_set: None, record: false };
-        let agent = self.vm.run(&vmm_config(&dir, &rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await?;
+        let agent = self.vm.run(&vmm_config(&dir, &self.rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await?;
         *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = agent;
         Ok(())
     }
