@@ -296,7 +296,13 @@ impl SandboxManager {
             return Err(SandboxError::NotPaused(id.to_string()));
         }
         instance.wake().await?;
-        refresh_guest(instance.agent()).await?;
+        if let Err(error) = refresh_guest(instance.agent()).await {
+            // Not handed out without fresh clock and entropy: set it aside again.
+            if let Err(suspend) = instance.suspend().await {
+                tracing::warn!(error = %suspend, sandbox = %id, "cannot suspend a sandbox whose refresh failed");
+            }
+            return Err(error);
+        }
         sandbox.set_run_state(RunState::Running);
         Ok(sandbox.to_proto(self.backend_name()))
     }
@@ -378,7 +384,10 @@ pub(crate) async fn refresh_guest(mut agent: AgentClient<Channel>) -> Result<(),
         entropy: ids::random_bytes::<64>().to_vec().into(),
     };
     agent.refresh(request).await.map(|_| ()).map_err(|status| {
-        SandboxError::Backend(BackendError::Launch(format!("the agent refused the clock and entropy refresh: {}", status.message())))
+        SandboxError::Backend(BackendError::Control {
+            action: "refresh",
+            reason: format!("the agent refused the clock and entropy refresh: {}", status.message()),
+        })
     })
 }
 

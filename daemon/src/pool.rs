@@ -23,6 +23,9 @@ use crate::{
 
 /// After this long without a miss, the target shrinks by one.
 const IDLE: Duration = Duration::from_secs(60);
+/// First and longest wait before another try after a failed launch.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Bounds of one template's pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,17 +117,22 @@ impl WarmPool {
 
     fn missed(&self) {
         *self.last_miss.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        let raised = self.target().saturating_add(1).min(self.config.max);
-        self.target.store(raised, Ordering::Relaxed);
+        let max = self.config.max;
+        let _ = self.target.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_add(1).min(max)));
         self.wake.notify_one();
     }
 
     async fn refill_forever(self: Arc<Self>) {
+        let mut backoff = RETRY_FIRST;
         loop {
             while self.ready_count() < self.target() && self.within_budget() {
-                if let Err(error) = self.add_one().await {
-                    tracing::warn!(%error, "cannot refill the warm pool; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                match self.add_one().await {
+                    Ok(()) => backoff = RETRY_FIRST,
+                    Err(error) => {
+                        tracing::warn!(%error, template = %self.name, retry_in = ?backoff, "cannot refill the warm pool");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
                 }
             }
             ::metrics::gauge!(metrics::POOL_TARGET, "template" => self.name.clone()).set(self.target() as f64);
@@ -138,8 +146,9 @@ impl WarmPool {
     /// guest go.
     async fn shrink_when_idle(&self) {
         let quiet = self.last_miss.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE;
-        if quiet && self.target() > self.config.min {
-            self.target.store(self.target() - 1, Ordering::Relaxed);
+        if quiet {
+            let min = self.config.min;
+            let _ = self.target.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| (t > min).then(|| t - 1));
         }
         if self.ready_count() > self.target() {
             let surplus = self.lock().pop_back();

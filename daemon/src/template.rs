@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::{
-    agent_client,
     backend::microvm::vmm_process::{vmm_config, RestoreMemory, VmProcess, VmProcessError, VmSource},
 };
 
@@ -42,8 +41,8 @@ pub enum TemplateError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Vmm(#[from] VmProcessError),
-    #[error("the guest's agent did not answer during the template build: {reason}; last console lines: {console}")]
-    Agent { reason: String, console: String },
+    #[error("the guest's agent did not answer during the template build: {0}")]
+    Agent(String),
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> TemplateError + 'a {
@@ -78,8 +77,16 @@ impl Template {
         let missing = |reason: String| TemplateError::Missing { dir: dir.to_path_buf(), reason };
         let text = std::fs::read_to_string(dir.join(MANIFEST)).map_err(|e| missing(e.to_string()))?;
         let manifest: TemplateManifest = serde_json::from_str(&text).map_err(|e| missing(e.to_string()))?;
-        sandbox_vmm::snapshot::load_state(&sandbox_vmm::snapshot::SnapshotFiles::in_dir(dir))
-            .map_err(|e| TemplateError::Snapshot { dir: dir.to_path_buf(), reason: e.to_string() })?;
+        let unusable = |reason: String| TemplateError::Snapshot { dir: dir.to_path_buf(), reason };
+        let files = sandbox_vmm::snapshot::SnapshotFiles::in_dir(dir);
+        let state = sandbox_vmm::snapshot::load_state(&files).map_err(|e| unusable(e.to_string()))?;
+        let memory_len = std::fs::metadata(&files.memory).map_or(0, |m| m.len());
+        if memory_len != state.memory_bytes {
+            return Err(unusable(format!("its memory file has {memory_len} bytes, the state says {}", state.memory_bytes)));
+        }
+        if images_fingerprint(&manifest.kernel, &manifest.rootfs) != manifest.images {
+            return Err(unusable(format!("{} or {} changed since it was built", manifest.kernel.display(), manifest.rootfs.display())));
+        }
         Ok(Self { dir: dir.to_path_buf(), manifest })
     }
 
@@ -127,8 +134,15 @@ fn images_fingerprint(kernel: &Path, rootfs: &Path) -> String {
 /// Builds a template into `options.out` (replacing what is there once the
 /// new one is complete), reporting progress through `progress`.
 pub async fn build(options: &BuildOptions, progress: &(dyn Fn(&str) + Sync)) -> Result<Template, TemplateError> {
-    let work = options.out.with_extension("building");
+    let work = PathBuf::from(format!("{}.building", options.out.display()));
     let _ = std::fs::remove_dir_all(&work);
+    let built = build_in(options, &work, progress).await;
+    // A failed build leaves no half-written snapshot (guest memory) behind.
+    let _ = std::fs::remove_dir_all(&work);
+    built
+}
+
+async fn build_in(options: &BuildOptions, work: &Path, progress: &(dyn Fn(&str) + Sync)) -> Result<Template, TemplateError> {
     let snapshot = work.join("template");
     for dir in [work.join("boot"), work.join("record"), snapshot.clone()] {
         std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
@@ -155,7 +169,6 @@ pub async fn build(options: &BuildOptions, progress: &(dyn Fn(&str) + Sync)) -> 
     std::fs::write(&manifest_path, text).map_err(io_error("write", &manifest_path))?;
     let _ = std::fs::remove_dir_all(&options.out);
     std::fs::rename(&snapshot, &options.out).map_err(io_error("move the template to", &options.out))?;
-    let _ = std::fs::remove_dir_all(&work);
     progress(&format!("template ready in {} after {:.1} s", options.out.display(), started.elapsed().as_secs_f64()));
     Template::load(&options.out)
 }
@@ -167,7 +180,7 @@ async fn boot_and_snapshot(options: &BuildOptions, dir: &Path, snapshot: &Path, 
     let source = VmSource::Boot { kernel: &options.kernel, cmdline: GUEST_CMDLINE, memory_mib: options.memory_mib, vcpus: options.vcpus };
     vm.start(&options.launcher, &vmm_config(dir, &options.rootfs, &source), None)?;
     let result = async {
-        wait_for_agent(&vm, BOOT_TIMEOUT, progress).await?;
+        vm.wait_for_agent(BOOT_TIMEOUT, progress).await.map_err(TemplateError::Agent)?;
         progress("the agent answered; waiting for the guest to settle");
         wait_until_quiet(&dir.join("serial.log")).await;
         vm.control(serde_json::json!({ "op": "snapshot", "dir": snapshot }))?;
@@ -186,8 +199,8 @@ async fn record_working_set(options: &BuildOptions, dir: &Path, snapshot: &Path)
     let source = VmSource::Restore { snapshot, memory: RestoreMemory::Uffd, working_set: None, record: true };
     vm.start(&options.launcher, &vmm_config(dir, &options.rootfs, &source), None)?;
     let result = async {
-        let mut agent = wait_for_agent(&vm, RESTORE_TIMEOUT, &|_| {}).await?;
-        first_use(&mut agent).await.map_err(|reason| TemplateError::Agent { reason, console: vm.console_tail() })?;
+        let mut agent = vm.wait_for_agent(RESTORE_TIMEOUT, &|_| {}).await.map_err(TemplateError::Agent)?;
+        first_use(&mut agent).await.map_err(|reason| TemplateError::Agent(format!("{reason}; {}", vm.diagnostics())))?;
         let reply = vm.control(serde_json::json!({ "op": "working_set", "path": snapshot.join(WORKING_SET) }))?;
         Ok(reply["pages"].as_u64().unwrap_or(0))
     }
@@ -203,26 +216,6 @@ async fn first_use(agent: &mut AgentClient<Channel>) -> Result<(), String> {
     let mut events = agent.exec(request).await.map_err(|s| s.message().to_string())?.into_inner();
     while events.message().await.map_err(|s| s.message().to_string())?.is_some() {}
     Ok(())
-}
-
-/// Waits for the agent's hello, reporting every few seconds.
-async fn wait_for_agent(vm: &VmProcess, timeout: Duration, progress: &(dyn Fn(&str) + Sync)) -> Result<AgentClient<Channel>, TemplateError> {
-    let started = Instant::now();
-    let hello = agent_client::wait_for_hello(vm.agent_address(), timeout);
-    tokio::pin!(hello);
-    loop {
-        tokio::select! {
-            result = &mut hello => {
-                return result.map_err(|e| TemplateError::Agent { reason: e.to_string(), console: vm.console_tail() });
-            }
-            () = tokio::time::sleep(Duration::from_secs(5)) => {
-                if !vm.is_alive() {
-                    return Err(TemplateError::Agent { reason: "the VMM exited".into(), console: vm.console_tail() });
-                }
-                progress(&format!("still waiting for the agent after {:.0} s", started.elapsed().as_secs_f64()));
-            }
-        }
-    }
 }
 
 /// Waits until the console has not grown for [`QUIET`] (at most ten times that).

@@ -206,3 +206,43 @@ fn vm_with_devices_is_restored_with_them_and_replays_its_working_set() {
     assert!(stderr.contains("the snapshot has 2 virtio devices but the VM was given 0"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn vmm_exits_when_the_process_that_started_it_is_gone() {
+    let dir = std::env::temp_dir().join(format!("sandboxd-vmm-lifeline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = support::build_payload(BODY);
+    let config = serde_json::json!({
+        "boot": { "kernel": kernel, "cmdline": "", "memory_mib": 32, "vcpus": 1 },
+        "serial_log": dir.join("serial"),
+        "control_socket": dir.join("control.sock"),
+        "exit_with_stdin": true,
+    });
+    let config_path = dir.join("vmm.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .arg("vmm")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(dir.join("serial")).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "the guest never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the VMM runs while its lifeline is held");
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the VMM outlived its lifeline");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "it stopped the VM and exited cleanly: {status}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -53,6 +53,11 @@ pub struct VmmConfig {
     /// (a warm-pool member). A booted VM always starts running.
     #[serde(default)]
     pub start_paused: bool,
+    /// Standard input is the read end of a pipe whose other end the
+    /// starting process holds: when it closes (that process died), the VMM
+    /// stops the VM and exits instead of running on unattended.
+    #[serde(default)]
+    pub exit_with_stdin: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -174,7 +179,19 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
         vm.resume();
     }
     seccomp::apply(&seccomp::filter(ThreadKind::Control)?)?;
-    serve(&mut vm, &listener)
+    serve(&mut vm, &listener, Lifeline(config.exit_with_stdin))
+}
+
+/// The pipe on standard input that ties the VMM to the process that
+/// started it (when the configuration asks for it).
+#[derive(Clone, Copy)]
+struct Lifeline(bool);
+
+impl Lifeline {
+    /// Whether the other end has gone (the pipe reports hang-up or end of file).
+    fn cut(self) -> bool {
+        self.0 && readable_fd(libc::STDIN_FILENO, Duration::ZERO)
+    }
 }
 
 /// Builds the virtio devices of the configuration, in slot order: the root
@@ -223,13 +240,16 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const MAX_REQUEST: usize = 64 * 1024;
 
 /// Accepts control connections until shutdown or a guest exit.
-fn serve(vm: &mut MicroVm, listener: &UnixListener) -> Result<VmExit, VmmError> {
+fn serve(vm: &mut MicroVm, listener: &UnixListener, lifeline: Lifeline) -> Result<VmExit, VmmError> {
     loop {
         if let Some(exit) = vm.wait_for_exit(POLL_INTERVAL) {
             return Ok(exit);
         }
+        if lifeline.cut() {
+            return Ok(vm.stop());
+        }
         let Ok((stream, _)) = listener.accept() else { continue };
-        if let Some(exit) = serve_client(vm, stream) {
+        if let Some(exit) = serve_client(vm, stream, lifeline) {
             return Ok(exit);
         }
     }
@@ -238,12 +258,15 @@ fn serve(vm: &mut MicroVm, listener: &UnixListener) -> Result<VmExit, VmmError> 
 /// Answers one client's requests (one JSON object a line) while watching
 /// the guest: returns the VM's exit when the guest ends or the client asks
 /// for shutdown, and None when the client leaves or misbehaves.
-fn serve_client(vm: &mut MicroVm, mut stream: UnixStream) -> Option<VmExit> {
+fn serve_client(vm: &mut MicroVm, mut stream: UnixStream, lifeline: Lifeline) -> Option<VmExit> {
     let _ = stream.set_nonblocking(false);
     let mut pending = Vec::new();
     loop {
         if let Some(exit) = vm.wait_for_exit(Duration::ZERO) {
             return Some(exit);
+        }
+        if lifeline.cut() {
+            return Some(vm.stop());
         }
         if !readable(&stream, POLL_INTERVAL) {
             continue;
@@ -275,9 +298,14 @@ fn serve_client(vm: &mut MicroVm, mut stream: UnixStream) -> Option<VmExit> {
 
 /// Waits up to `timeout` for `stream` to have data (or to be closed).
 fn readable(stream: &UnixStream, timeout: Duration) -> bool {
-    let mut poll = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    readable_fd(stream.as_raw_fd(), timeout)
+}
+
+/// Waits up to `timeout` for `fd` to have data, end of file or a hang-up.
+fn readable_fd(fd: libc::c_int, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for an fd that `stream` keeps open.
+    // SAFETY: one valid pollfd for an fd the caller keeps open.
     unsafe { libc::poll(&mut poll, 1, millis) > 0 }
 }
 

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Instant};
 
 use tonic::{Code, Status};
 
-use crate::{audit::AuditLog, auth::Caller, manager::SandboxError, manager::SandboxManager, metrics};
+use crate::{audit::AuditLog, auth::Caller, backend::BackendError, manager::SandboxError, manager::SandboxManager, metrics};
 
 /// Largest upload chunk, stdin or code accepted in one message.
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
@@ -53,6 +53,7 @@ impl From<SandboxError> for Status {
             SandboxError::Stopped(_) => Code::Unavailable,
             SandboxError::InvalidLimits(_) => Code::InvalidArgument,
             SandboxError::TooMany(_) => Code::ResourceExhausted,
+            SandboxError::Backend(BackendError::Template(_)) => Code::FailedPrecondition,
             SandboxError::Backend(_) => Code::Unavailable,
         };
         Status::new(code, error.to_string())

@@ -54,6 +54,8 @@ pub struct LaunchSpec {
 pub enum BackendError {
     #[error("cannot launch the sandbox: {0}")]
     Launch(String),
+    #[error("the sandbox's template cannot be used: {0}")]
+    Template(String),
     #[error("the sandbox agent did not answer within {0:?}: {1}")]
     AgentTimeout(Duration, String),
     #[error("cannot {action} the sandbox: {reason}")]

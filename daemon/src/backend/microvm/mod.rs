@@ -10,7 +10,10 @@ pub mod vmm_process;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -21,7 +24,7 @@ use super::{
     cgroup::{self, Cgroup, CgroupFlavor, Limits},
     Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits,
 };
-use crate::{agent_client, metrics, template::{Template, GUEST_CMDLINE}};
+use crate::{metrics, template::{Template, GUEST_CMDLINE}};
 use vmm_process::{vmm_config, RestoreMemory, VmProcess, VmSource};
 
 /// How long a booting guest has to answer `Hello`.
@@ -80,7 +83,7 @@ impl MicroVmBackend {
     fn template_for(&self, spec: &LaunchSpec) -> Result<Option<Template>, BackendError> {
         match &spec.rootfs {
             None => Ok(self.default_template.clone()),
-            Some(dir) => Template::load(dir).map(Some).map_err(|e| BackendError::Launch(e.to_string())),
+            Some(dir) => Template::load(dir).map(Some).map_err(|e| BackendError::Template(e.to_string())),
         }
     }
 
@@ -121,7 +124,7 @@ impl Backend for MicroVmBackend {
         std::fs::create_dir_all(&dir).map_err(|e| BackendError::Launch(format!("cannot create {}: {e}", dir.display())))?;
         let cgroup = Cgroup::create(self.cgroups, &spec.id, &cgroup_limits(spec.limits))
             .map_err(|e| launch_error("cannot create the VMM's cgroup")(e.to_string()))?;
-        let vm = Arc::new(MicroVm { process: VmProcess::new(dir), cgroup, launcher: self.launcher.clone() });
+        let vm = Arc::new(MicroVm { process: VmProcess::new(dir), cgroup, launcher: self.launcher.clone(), destroyed: AtomicBool::new(false) });
         match vm.run(&plan.config, plan.timeout, plan.restore_label).await {
             Ok(agent) => Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), rootfs: plan.rootfs })),
             Err(error) => {
@@ -173,6 +176,7 @@ struct MicroVm {
     process: VmProcess,
     cgroup: Cgroup,
     launcher: PathBuf,
+    destroyed: AtomicBool,
 }
 
 impl MicroVm {
@@ -182,28 +186,33 @@ impl MicroVm {
     async fn run(self: &Arc<Self>, config: &serde_json::Value, timeout: Duration, label: Option<&'static str>) -> Result<AgentClient<Channel>, BackendError> {
         let started = Instant::now();
         self.process.start(&self.launcher, config, Some(&self.cgroup)).map_err(|e| BackendError::Launch(e.to_string()))?;
-        match agent_client::wait_for_hello(self.process.agent_address(), timeout).await {
+        match self.process.wait_for_agent(timeout, &|_| {}).await {
             Ok(agent) => {
                 if let Some(mode) = label {
                     ::metrics::histogram!(metrics::RESTORE_SECONDS, "mode" => mode).record(started.elapsed().as_secs_f64());
                 }
                 Ok(agent)
             }
-            Err(error) => {
-                let console = self.process.console_tail();
-                let vm = Arc::clone(self);
-                let _ = blocking("stop", move || {
-                    vm.process.stop();
-                    Ok(())
-                })
-                .await;
-                Err(BackendError::AgentTimeout(timeout, format!("{error}; last console lines: {console}")))
+            Err(reason) => {
+                self.stop().await;
+                Err(BackendError::AgentTimeout(timeout, reason))
             }
         }
     }
 
+    /// Ends the VMM process, keeping the directory.
+    async fn stop(self: &Arc<Self>) {
+        let vm = Arc::clone(self);
+        let _ = blocking("stop", move || {
+            vm.process.stop();
+            Ok(())
+        })
+        .await;
+    }
+
     /// Ends the VMM, then removes the cgroup and the sandbox's files.
     fn destroy(&self) -> Result<(), String> {
+        self.destroyed.store(true, Ordering::Relaxed);
         self.process.stop();
         self.cgroup.remove().map_err(|e| e.to_string())?;
         match std::fs::remove_dir_all(self.process.dir()) {
@@ -216,13 +225,46 @@ impl MicroVm {
         self.process.dir().join(SUSPENDED)
     }
 
-    /// Snapshots the VM into its directory and ends the VMM process.
+    /// Snapshots the VM into its directory and ends the VMM process. The
+    /// new snapshot replaces the last one only once it is complete; if it
+    /// cannot be taken, the VM runs on.
     fn suspend(&self) -> Result<(), String> {
         let dir = self.suspended_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        self.process.control(serde_json::json!({ "op": "snapshot", "dir": dir })).map_err(|e| e.to_string())?;
+        let partial = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+        if let Err(error) = self.process.control(serde_json::json!({ "op": "snapshot", "dir": partial })) {
+            let _ = std::fs::remove_dir_all(&partial);
+            let resumed = self.process.simple("resume").map_or_else(|e| format!("; resuming it failed too: {e}"), |_| String::new());
+            return Err(format!("{error}; the sandbox keeps running{resumed}; free disk space in the state directory and retry"));
+        }
         self.process.stop();
-        Ok(())
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&partial, &dir).map_err(|e| format!("cannot move the snapshot to {}: {e}", dir.display()))
+    }
+
+    /// Starts a VMM restoring the suspended snapshot, with the disk as it
+    /// was at that snapshot (so a failed wake can be retried).
+    async fn wake(self: &Arc<Self>, rootfs: &Path) -> Result<AgentClient<Channel>, BackendError> {
+        let dir = self.process.dir().to_path_buf();
+        for stale in ["overlay.img", "overlay.bitmap"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        let snapshot = self.suspended_dir();
+        let source = VmSource::Restore { snapshot: &snapshot, memory: RestoreMemory::MapPrivate, working_set: None, record: false };
+        self.run(&vmm_config(&dir, rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await
+    }
+}
+
+impl Drop for MicroVm {
+    /// A sandbox dropped without `destroy` (a Create whose client went
+    /// away mid-launch) still leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.destroyed.load(Ordering::Relaxed) {
+            if let Err(error) = self.destroy() {
+                tracing::warn!(%error, vm = %self.process.dir().display(), "cannot clean up a microVM");
+            }
+        }
     }
 }
 
@@ -270,10 +312,7 @@ impl Instance for MicroVmInstance {
     }
 
     async fn wake(&self) -> Result<(), BackendError> {
-        let dir = self.vm.process.dir().to_path_buf();
-        let snapshot = self.vm.suspended_dir();
-        let source = VmSource::Restore { snapshot: &snapshot, memory: RestoreMemory::MapPrivate, working_set: None, record: false };
-        let agent = self.vm.run(&vmm_config(&dir, &self.rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await?;
+        let agent = self.vm.wake(&self.rootfs).await?;
         *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = agent;
         Ok(())
     }

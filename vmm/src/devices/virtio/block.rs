@@ -154,6 +154,10 @@ fn read_bitmap(overlay: &Path, size: u64) -> Vec<u64> {
 pub fn copy_overlay(from: &Path, to: &Path) -> std::io::Result<()> {
     let source = File::open(from)?;
     let size = source.metadata()?.len();
+    // Without its bitmap an overlay reads as the bare base image: refuse.
+    if std::fs::metadata(bitmap_path(from))?.len() != size.div_ceil(CLUSTER).div_ceil(64) * 8 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} does not fit its overlay", bitmap_path(from).display())));
+    }
     let written = read_bitmap(from, size);
     let target = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
     target.set_len(size)?;

@@ -144,7 +144,17 @@ impl Muxer {
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
         if !paused {
+            self.raise_if_reset_pending();
             self.fill_rx();
+        }
+    }
+
+    /// A restored device signals its reset before the vCPUs exist, which
+    /// can go unnoticed: while the guest has not handled it, raise the
+    /// interrupt again (a spurious one costs the driver a status read).
+    fn raise_if_reset_pending(&self) {
+        if let (true, false, Some((_, _, interrupt))) = (self.reset_unacknowledged, self.paused, &self.active) {
+            interrupt.signal_used_queue();
         }
     }
 
@@ -152,6 +162,9 @@ impl Muxer {
         self.active = None;
         self.connections.clear();
         self.pending_rx.clear();
+        self.held_requests.clear();
+        self.pending_events = 0;
+        self.reset_unacknowledged = false;
     }
 
     pub fn reset_connections(&mut self) {
@@ -204,16 +217,28 @@ impl Muxer {
 
     fn close(&mut self, key: Key) {
         if let Some(connection) = self.connections.remove(&key) {
-            let _ = self.epoll.ctl(ControlOperation::Delete, connection.stream.as_raw_fd(), EpollEvent::default());
+            if connection.reading {
+                let _ = self.epoll.ctl(ControlOperation::Delete, connection.stream.as_raw_fd(), EpollEvent::default());
+            }
         }
     }
 
+    /// Watches the stream of `key` for input, or stops watching it. An
+    /// unwatched stream leaves epoll altogether: a hung-up peer would
+    /// otherwise keep reporting EPOLLHUP with nothing to read.
     fn watch(&mut self, key: Key, reading: bool) {
         let Some(connection) = self.connections.get_mut(&key) else { return };
         if connection.reading != reading {
             connection.reading = reading;
-            let events = if reading { EventSet::IN } else { EventSet::empty() };
-            let _ = self.epoll.ctl(ControlOperation::Modify, connection.stream.as_raw_fd(), EpollEvent::new(events, token(key)));
+            let fd = connection.stream.as_raw_fd();
+            let result = if reading {
+                self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token(key)))
+            } else {
+                self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            };
+            if result.is_err() {
+                self.close(key);
+            }
         }
     }
 
@@ -386,11 +411,7 @@ impl Muxer {
             self.watch(key, false);
             if self.reset_unacknowledged {
                 self.held_requests.push(key);
-                // The reset may have been signalled before the vCPUs ran:
-                // raise the interrupt again so that the guest looks.
-                if let Some((_, _, interrupt)) = &self.active {
-                    interrupt.signal_used_queue();
-                }
+                self.raise_if_reset_pending();
             } else {
                 self.send(key, OP_REQUEST, Vec::new());
             }
