@@ -44,8 +44,8 @@ pub enum SandboxError {
     Paused(String),
     #[error("sandbox '{0}' is not paused: only a paused sandbox can be resumed")]
     NotPaused(String),
-    #[error("sandbox '{0}' has stopped (its init exited, for example after hitting its memory limit): delete it and create a new one")]
-    Stopped(String),
+    #[error("sandbox '{id}' has stopped (its init exited, for example after hitting its memory limit; {detail}): delete it and create a new one")]
+    Stopped { id: String, detail: String },
     #[error("{0}")]
     InvalidLimits(String),
     #[error("the daemon already runs {0} sandboxes, its maximum: delete unused sandboxes first")]
@@ -314,9 +314,10 @@ impl SandboxManager {
             return Err(SandboxError::Paused(id.to_string()));
         }
         let instance = sandbox.instance.lock().await;
-        match instance.as_ref().filter(|instance| instance.is_alive()) {
-            Some(instance) => Ok(AgentHandle { agent: instance.agent(), env: sandbox.env.clone() }),
-            None => Err(SandboxError::Stopped(id.to_string())),
+        match instance.as_ref() {
+            Some(instance) if instance.is_alive() => Ok(AgentHandle { agent: instance.agent(), env: sandbox.env.clone() }),
+            Some(instance) => Err(SandboxError::Stopped { id: id.to_string(), detail: instance.diagnostics() }),
+            None => Err(SandboxError::NotFound(id.to_string())),
         }
     }
 

@@ -50,7 +50,7 @@ impl From<SandboxError> for Status {
         let code = match &error {
             SandboxError::NotFound(_) | SandboxError::UnknownTemplate { .. } => Code::NotFound,
             SandboxError::Paused(_) | SandboxError::NotPaused(_) => Code::FailedPrecondition,
-            SandboxError::Stopped(_) => Code::Unavailable,
+            SandboxError::Stopped { .. } => Code::Unavailable,
             SandboxError::InvalidLimits(_) => Code::InvalidArgument,
             SandboxError::TooMany(_) => Code::ResourceExhausted,
             SandboxError::Backend(BackendError::Template(_)) => Code::FailedPrecondition,

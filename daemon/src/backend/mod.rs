@@ -111,8 +111,18 @@ pub trait Instance: Send + Sync {
     /// Whether the guest is still there (its init has not died).
     fn is_alive(&self) -> bool;
 
+    /// What the guest and its monitor last printed, to say why it stopped.
+    fn diagnostics(&self) -> String;
+
     /// Stops the guest and frees everything it held.
     async fn destroy(self: Box<Self>) -> Result<(), BackendError>;
+}
+
+/// The last `count` lines of `text`, joined with " | " (for error messages).
+pub fn last_lines(text: &str, count: usize) -> String {
+    let mut last: Vec<_> = text.lines().rev().take(count).collect();
+    last.reverse();
+    last.join(" | ")
 }
 
 /// The `--backend` flag.

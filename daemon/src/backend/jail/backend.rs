@@ -113,6 +113,10 @@ impl Instance for JailInstance {
         self.jail.is_alive()
     }
 
+    fn diagnostics(&self) -> String {
+        format!("jail log: {}", crate::backend::last_lines(&self.jail.log(), 3))
+    }
+
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         destroy(self.jail).await
     }

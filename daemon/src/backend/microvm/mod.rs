@@ -331,6 +331,10 @@ impl Instance for MicroVmInstance {
         self.vm.process.is_alive()
     }
 
+    fn diagnostics(&self) -> String {
+        self.vm.process.diagnostics()
+    }
+
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         let vm = self.vm;
         blocking("destroy", move || vm.destroy()).await

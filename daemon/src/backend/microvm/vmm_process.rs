@@ -268,10 +268,7 @@ impl VmProcess {
 
 /// The last `lines` lines of a text file, joined with " | ".
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut last: Vec<_> = text.lines().rev().take(lines).collect();
-    last.reverse();
-    last.join(" | ")
+    super::super::last_lines(&std::fs::read_to_string(path).unwrap_or_default(), lines)
 }
 
 impl Drop for VmProcess {
