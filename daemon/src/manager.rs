@@ -384,13 +384,16 @@ pub(crate) async fn refresh_guest(mut agent: AgentClient<Channel>) -> Result<(),
         wall_clock_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
         entropy: ids::random_bytes::<64>().to_vec().into(),
     };
-    agent.refresh(request).await.map(|_| ()).map_err(|status| {
-        SandboxError::Backend(BackendError::Control {
-            action: "refresh",
-            reason: format!("the agent refused the clock and entropy refresh: {}", status.message()),
-        })
-    })
+    let failed = |reason: String| SandboxError::Backend(BackendError::Control { action: "refresh", reason });
+    match tokio::time::timeout(REFRESH_TIMEOUT, agent.refresh(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(failed(format!("the agent refused the clock and entropy refresh: {}", status.message()))),
+        Err(_) => Err(failed(format!("the agent did not take the clock and entropy refresh within {REFRESH_TIMEOUT:?}"))),
+    }
 }
+
+/// How long a guest's agent has to take the clock and entropy refresh.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

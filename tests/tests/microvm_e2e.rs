@@ -8,7 +8,14 @@
 //! SANDBOXD_KERNEL_DIR (kernel-config/build.sh) and SANDBOXD_GUEST_IMAGE_DIR
 //! (scripts/guest-image.sh). See README.md, "Linux guests".
 
-use std::time::{Duration, Instant};
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use sandbox_proto::api::{
     connect_request::Input, exec_event::Event, upload_request::Part, ConnectRequest, ConnectStart, CreateSandboxRequest,
@@ -50,6 +57,53 @@ fn microvm_options(images: &Images, pool_size: usize, extra: &[String]) -> Daemo
     }
 }
 
+/// Longest a test here may take before it is failed with the microVMs' logs.
+const TEST_DEADLINE: Duration = Duration::from_secs(240);
+
+/// Prints every microVM's VMM log and console when the test fails, or when
+/// it hangs past [`TEST_DEADLINE`] (then it also ends the process): the
+/// daemon removes its state directory when it stops.
+struct LogsOnFailure {
+    state_dir: PathBuf,
+    done: Arc<AtomicBool>,
+}
+
+impl LogsOnFailure {
+    fn arm(daemon: &Daemon) -> Self {
+        let (state_dir, done) = (daemon.state_dir.clone(), Arc::new(AtomicBool::new(false)));
+        let (dir, finished) = (state_dir.clone(), Arc::clone(&done));
+        std::thread::spawn(move || {
+            std::thread::sleep(TEST_DEADLINE);
+            if !finished.load(Ordering::Relaxed) {
+                eprintln!("the test hung for {TEST_DEADLINE:?}");
+                print_vm_logs(&dir);
+                std::process::exit(1);
+            }
+        });
+        Self { state_dir, done }
+    }
+}
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if std::thread::panicking() {
+            print_vm_logs(&self.state_dir);
+        }
+    }
+}
+
+fn print_vm_logs(state_dir: &Path) {
+    let Ok(vms) = std::fs::read_dir(state_dir.join("microvms")) else { return };
+    for vm in vms.flatten() {
+        for log in ["vmm.log", "serial.log"] {
+            let text = std::fs::read_to_string(vm.path().join(log)).unwrap_or_default();
+            let tail: Vec<_> = text.lines().rev().take(25).collect();
+            eprintln!("---- {} {log}\n{}", vm.file_name().to_string_lossy(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+    }
+}
+
 async fn timed_create(api: &mut Clients, request: CreateSandboxRequest) -> (String, Duration) {
     let started = Instant::now();
     let id = api.sandboxes.create(request).await.expect("Create").into_inner().id;
@@ -66,6 +120,7 @@ async fn create_timed(api: &mut Clients, request: CreateSandboxRequest, what: &s
 async fn linux_guest_boots_to_the_agent_and_serves_the_api() {
     let Some(images) = images() else { return };
     let daemon = Daemon::start(microvm_options(&images, 0, &[])).await;
+    let _logs = LogsOnFailure::arm(&daemon);
     let mut api = daemon.clients(None).await;
     // Another memory size than the template's: a cold boot.
     let limits = Limits { memory_mib: MEMORY_MIB + 64, ..Default::default() };
@@ -140,6 +195,7 @@ async fn template_build_reports_progress_and_writes_a_restorable_template() {
     // A daemon serves it under a name of its own.
     let extra = vec!["--template".to_string(), format!("built={}", out.display())];
     let daemon = Daemon::start(microvm_options(&images, 0, &extra)).await;
+    let _logs = LogsOnFailure::arm(&daemon);
     let mut api = daemon.clients(None).await;
     let request = CreateSandboxRequest { template: "built".into(), ..Default::default() };
     let id = create_timed(&mut api, request, "restore of a `template build` template").await;
@@ -151,6 +207,7 @@ async fn template_build_reports_progress_and_writes_a_restorable_template() {
 async fn restored_sandboxes_differ_in_rng_and_survive_pause_to_disk() {
     let Some(images) = images() else { return };
     let daemon = Daemon::start(microvm_options(&images, 1, &["--pool-max".into(), "1".into()])).await;
+    let _logs = LogsOnFailure::arm(&daemon);
     let mut api = daemon.clients(None).await;
     let ready = "sandboxd_pool_ready{template=\"default\"}";
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -350,6 +350,9 @@ impl MicroVm {
         for transport in &self.virtio {
             transport.lock().unwrap_or_else(|p| p.into_inner()).set_paused(paused);
         }
+        if !paused {
+            self.serial.lock().unwrap_or_else(|p| p.into_inner()).raise_pending();
+        }
     }
 
     /// Waits up to `timeout` for the guest to exit on its own, or for its

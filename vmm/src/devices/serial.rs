@@ -97,6 +97,16 @@ impl<W: Write + Send> SerialConsole<W> {
         Ok(Self { uart })
     }
 
+    /// Raises the interrupt again if the UART has one pending (a restored
+    /// UART's last interrupt may have been raised before the vCPUs existed,
+    /// and a guest waiting for "transmitter empty" would wait forever).
+    pub fn raise_pending(&self) {
+        const NO_INTERRUPT_PENDING: u8 = 1;
+        if self.uart.state().interrupt_identification & NO_INTERRUPT_PENDING == 0 {
+            let _ = self.uart.interrupt_evt().trigger();
+        }
+    }
+
     pub fn state(&self) -> SerialConsoleState {
         self.uart.state().into()
     }

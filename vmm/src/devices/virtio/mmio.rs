@@ -298,9 +298,13 @@ impl BusDevice for MmioTransport {
 }
 
 impl MmioTransport {
-    /// Stops or restarts the device's work on guest memory outside vCPU exits.
+    /// Stops or restarts the device's work on guest memory outside vCPU
+    /// exits; on restart, raises any interrupt the guest has not seen.
     pub fn set_paused(&mut self, paused: bool) {
         self.device.set_paused(paused);
+        if !paused {
+            self.interrupt.raise_pending();
+        }
     }
 
     /// Lets the device write its host-side data into a snapshot directory.

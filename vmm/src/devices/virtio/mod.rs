@@ -51,11 +51,18 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
-    /// Sets InterruptStatus as a snapshot recorded it and, when a bit is
-    /// set, raises the line again so that the driver looks.
+    /// Sets InterruptStatus as a snapshot recorded it (the line is raised
+    /// again by [`Interrupt::raise_pending`] once the vCPUs run).
     pub fn restore_status(&self, bits: u32) {
         self.status.store(bits, Ordering::SeqCst);
-        if bits != 0 {
+    }
+
+    /// Raises the line again while InterruptStatus has bits the driver has
+    /// not acknowledged: an interrupt raised while the VM had no running
+    /// vCPUs (during a restore) may never have reached the guest. A spurious
+    /// one costs the driver a status read.
+    pub fn raise_pending(&self) {
+        if self.status() != 0 {
             let _ = self.event.write(1);
         }
     }

@@ -144,17 +144,7 @@ impl Muxer {
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
         if !paused {
-            self.raise_if_reset_pending();
             self.fill_rx();
-        }
-    }
-
-    /// A restored device signals its reset before the vCPUs exist, which
-    /// can go unnoticed: while the guest has not handled it, raise the
-    /// interrupt again (a spurious one costs the driver a status read).
-    fn raise_if_reset_pending(&self) {
-        if let (true, false, Some((_, _, interrupt))) = (self.reset_unacknowledged, self.paused, &self.active) {
-            interrupt.signal_used_queue();
         }
     }
 
@@ -411,7 +401,6 @@ impl Muxer {
             self.watch(key, false);
             if self.reset_unacknowledged {
                 self.held_requests.push(key);
-                self.raise_if_reset_pending();
             } else {
                 self.send(key, OP_REQUEST, Vec::new());
             }
