@@ -20,4 +20,4 @@ SANDBOXD_BIN="$PWD/target/debug/sandboxd" target/pyenv/bin/python -m pytest -q t
 # The Linux-guest suite (SANDBOXD_E2E_KVM=1) on a nested host with emulated
 # AMD-V, since this machine's own /dev/kvm cannot boot Linux guests.
 tests/nested/run.sh > target/nested.log 2>&1 || { tail -n 60 target/nested.log; exit 1; }
-grep -E "microVM (Create|Resume)|sandboxd template build|template ready|NESTED-RESULT|nested run took" target/nested.log
+grep -E "microVM (Create|Resume)|sandboxd template build|template ready|NESTED-RESULT|NESTED-HOST-OOPS|nested run took" target/nested.log

@@ -72,9 +72,20 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio --quiet -o -H newc | gzip -1) > "$work/nested.cpio.gz"
 
 log=$work/console.log
-started=$(date +%s)
-timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m 4096 -smp 2 -nographic -no-reboot \
-  -kernel "$host_kernel" -initrd "$work/nested.cpio.gz" -append "console=ttyS0 rdinit=/init quiet panic=-1" \
-  | tee "$log" || true
-echo "nested run took $(( $(date +%s) - started )) s"
-grep -q "NESTED-RESULT: PASS" "$log"
+# The nested host's own kernel (Debian's, under TCG with emulated AMD-V)
+# has been seen to oops in a vCPU thread now and then, an emulation fault
+# rather than a test failure; its oops names its release, which our guest
+# kernel's does not. Such a run is repeated once, saying so.
+for attempt in 1 2; do
+  started=$(date +%s)
+  timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m 4096 -smp 2 -nographic -no-reboot \
+    -kernel "$host_kernel" -initrd "$work/nested.cpio.gz" -append "console=ttyS0 rdinit=/init quiet panic=-1" \
+    | tee "$log" || true
+  echo "nested run took $(( $(date +%s) - started )) s"
+  grep -q "NESTED-RESULT: PASS" "$log" && exit 0
+  if [ "$attempt" = 1 ] && grep -qE "Comm: .* $host_release " "$log"; then
+    echo "NESTED-HOST-OOPS: the nested host's kernel crashed (not a test failure); running the suite once more"
+    continue
+  fi
+  exit 1
+done
