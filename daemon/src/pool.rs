@@ -111,7 +111,7 @@ impl WarmPool {
         self.lock().len()
     }
 
-    pub fn target(&self) -> usize {
+    fn target(&self) -> usize {
         self.target.load(Ordering::Relaxed)
     }
 

@@ -327,7 +327,6 @@ impl MicroVm {
         &self.vcpus
     }
 
-    /// Parks every vCPU outside KVM_RUN.
     /// Parks every vCPU outside KVM_RUN, then stops the devices' own
     /// threads from touching guest memory, so that a snapshot sees memory
     /// and device state that agree.

@@ -190,7 +190,7 @@ struct Lifeline(bool);
 impl Lifeline {
     /// Whether the other end has gone (the pipe reports hang-up or end of file).
     fn cut(self) -> bool {
-        self.0 && readable_fd(libc::STDIN_FILENO, Duration::ZERO)
+        self.0 && readable(libc::STDIN_FILENO, Duration::ZERO)
     }
 }
 
@@ -268,7 +268,7 @@ fn serve_client(vm: &mut MicroVm, mut stream: UnixStream, lifeline: Lifeline) ->
         if lifeline.cut() {
             return Some(vm.stop());
         }
-        if !readable(&stream, POLL_INTERVAL) {
+        if !readable(stream.as_raw_fd(), POLL_INTERVAL) {
             continue;
         }
         let mut chunk = [0u8; 4096];
@@ -296,13 +296,8 @@ fn serve_client(vm: &mut MicroVm, mut stream: UnixStream, lifeline: Lifeline) ->
     }
 }
 
-/// Waits up to `timeout` for `stream` to have data (or to be closed).
-fn readable(stream: &UnixStream, timeout: Duration) -> bool {
-    readable_fd(stream.as_raw_fd(), timeout)
-}
-
 /// Waits up to `timeout` for `fd` to have data, end of file or a hang-up.
-fn readable_fd(fd: libc::c_int, timeout: Duration) -> bool {
+fn readable(fd: libc::c_int, timeout: Duration) -> bool {
     let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd for an fd the caller keeps open.

@@ -175,14 +175,9 @@ pub async fn select(
             jail_backend(state_dir, agent_binary)
         }
         (BackendChoice::Auto | BackendChoice::MicroVm, Ok(images)) => {
-            let microvms = state_dir.join("microvms");
-            // Checks the images before a template is built from them.
-            microvm::MicroVmBackend::new(microvms.clone(), images.clone(), None, options.restore_memory)
+            let backend = microvm::MicroVmBackend::new(state_dir.join("microvms"), images, options.restore_memory)
                 .map_err(SelectError::MicroVmUnavailable)?;
-            let template = microvm::default_template(state_dir, &images, options.default_limits).await;
-            let backend = microvm::MicroVmBackend::new(microvms, images, template, options.restore_memory)
-                .map_err(SelectError::MicroVmUnavailable)?;
-            Ok(Arc::new(backend))
+            Ok(Arc::new(backend.with_default_template(state_dir, options.default_limits).await))
         }
     }
 }

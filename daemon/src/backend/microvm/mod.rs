@@ -58,14 +58,9 @@ fn launch_error(context: &str) -> impl Fn(String) -> BackendError + '_ {
 }
 
 impl MicroVmBackend {
-    /// `default_template`, when given, is what a Create without a template
-    /// restores; without it such sandboxes boot cold.
-    pub fn new(
-        state_root: PathBuf,
-        images: GuestImages,
-        default_template: Option<Template>,
-        restore_memory: RestoreMemory,
-    ) -> Result<Self, String> {
+    /// Checks the images; until [`MicroVmBackend::with_default_template`],
+    /// a Create without a template boots cold.
+    pub fn new(state_root: PathBuf, images: GuestImages, restore_memory: RestoreMemory) -> Result<Self, String> {
         for (what, path, fix) in [
             ("guest kernel", &images.kernel, "build it with kernel-config/build.sh and pass --kernel"),
             ("guest root image", &images.rootfs, "build it with scripts/guest-image.sh and pass --rootfs-image"),
@@ -76,7 +71,35 @@ impl MicroVmBackend {
         }
         let launcher = std::env::current_exe().map_err(|e| format!("cannot find the sandboxd binary: {e}"))?;
         let cgroups = cgroup::detect().map_err(|e| e.to_string())?;
-        Ok(Self { state_root, launcher, images, cgroups, default_template, restore_memory })
+        Ok(Self { state_root, launcher, images, cgroups, default_template: None, restore_memory })
+    }
+
+    /// Builds (or reuses) the default template of this backend's images
+    /// with `limits` under `state_dir`, logging progress. If it cannot be
+    /// built, Creates without a template boot cold.
+    pub async fn with_default_template(mut self, state_dir: &Path, limits: ResourceLimits) -> Self {
+        let options = crate::template::BuildOptions {
+            kernel: self.images.kernel.clone(),
+            rootfs: self.images.rootfs.clone(),
+            memory_mib: limits.memory_mib,
+            vcpus: limits.vcpus,
+            out: state_dir.join("templates").join("default"),
+            launcher: self.launcher.clone(),
+        };
+        self.default_template = match Template::load(&options.out) {
+            Ok(template) if options.matches(&template) => {
+                tracing::info!(template = %options.out.display(), "using the default template's snapshot");
+                Some(template)
+            }
+            _ => match crate::template::build(&options, &|line| tracing::info!("template build: {line}")).await {
+                Ok(template) => Some(template),
+                Err(error) => {
+                    tracing::error!(%error, "cannot build the default template; sandboxes will boot cold");
+                    None
+                }
+            },
+        };
+        self
     }
 
     /// The template a spec names: the default one, or a template directory.
@@ -338,32 +361,5 @@ impl Instance for MicroVmInstance {
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         let vm = self.vm;
         blocking("destroy", move || vm.destroy()).await
-    }
-}
-
-/// Builds (or reuses) the default template for `images` under `state_dir`,
-/// logging progress; `None` when it cannot be built (Creates then boot cold).
-pub async fn default_template(state_dir: &Path, images: &GuestImages, limits: ResourceLimits) -> Option<Template> {
-    let launcher = std::env::current_exe().ok()?;
-    let options = crate::template::BuildOptions {
-        kernel: images.kernel.clone(),
-        rootfs: images.rootfs.clone(),
-        memory_mib: limits.memory_mib,
-        vcpus: limits.vcpus,
-        out: state_dir.join("templates").join("default"),
-        launcher,
-    };
-    if let Ok(template) = Template::load(&options.out) {
-        if options.matches(&template) {
-            tracing::info!(template = %options.out.display(), "using the default template's snapshot");
-            return Some(template);
-        }
-    }
-    match crate::template::build(&options, &|line| tracing::info!("template build: {line}")).await {
-        Ok(template) => Some(template),
-        Err(error) => {
-            tracing::error!(%error, "cannot build the default template; sandboxes will boot cold");
-            None
-        }
     }
 }

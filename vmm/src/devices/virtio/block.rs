@@ -38,7 +38,6 @@ const ID_LEN: usize = 20;
 pub struct CowDisk {
     base: File,
     overlay: File,
-    overlay_path: PathBuf,
     /// Persisted copy of `written`, rewritten on flush.
     bitmap: File,
     /// One bit per cluster: set when the overlay holds the cluster.
@@ -54,16 +53,16 @@ impl CowDisk {
         let size = base_file.metadata()?.len() / SECTOR * SECTOR;
         let overlay_file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(overlay)?;
         overlay_file.set_len(size)?;
-        let written = read_bitmap(overlay, size);
+        let written = read_bitmap(overlay, size).unwrap_or_else(|| vec![0; bitmap_words(size)]);
         let bitmap = OpenOptions::new().write(true).create(true).truncate(false).open(bitmap_path(overlay))?;
-        Ok(Self { base: base_file, overlay: overlay_file, overlay_path: overlay.to_path_buf(), bitmap, written, size })
+        Ok(Self { base: base_file, overlay: overlay_file, bitmap, written, size })
     }
 
     /// Makes the disk durable and copies its overlay (written clusters and
     /// bitmap) to `to`.
     pub fn export_overlay(&self, to: &Path) -> std::io::Result<()> {
         self.flush()?;
-        copy_overlay(&self.overlay_path, to)
+        write_overlay_copy(&self.overlay, self.size, &self.written, to)
     }
 
     pub fn size(&self) -> u64 {
@@ -71,7 +70,7 @@ impl CowDisk {
     }
 
     fn is_written(&self, cluster: u64) -> bool {
-        self.written[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
+        cluster_written(&self.written, cluster)
     }
 
     fn mark_written(&mut self, cluster: u64) {
@@ -119,8 +118,7 @@ impl CowDisk {
     /// Makes the overlay and its bitmap durable.
     pub fn flush(&self) -> std::io::Result<()> {
         self.overlay.sync_data()?;
-        let bytes: Vec<u8> = self.written.iter().flat_map(|word| word.to_le_bytes()).collect();
-        self.bitmap.write_all_at(&bytes, 0)?;
+        self.bitmap.write_all_at(&bitmap_bytes(&self.written), 0)?;
         self.bitmap.sync_data()
     }
 
@@ -137,16 +135,27 @@ fn bitmap_path(overlay: &Path) -> PathBuf {
     overlay.with_extension("bitmap")
 }
 
-/// The persisted bitmap of `overlay`, or an empty one if it is missing or
-/// does not fit a disk of `size` bytes.
-fn read_bitmap(overlay: &Path, size: u64) -> Vec<u64> {
-    let words = size.div_ceil(CLUSTER).div_ceil(64) as usize;
-    match std::fs::read(bitmap_path(overlay)) {
-        Ok(bytes) if bytes.len() == words * 8 => {
-            bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-        }
-        _ => vec![0; words],
-    }
+/// Whether the bitmap `written` marks `cluster` as held by the overlay.
+fn cluster_written(written: &[u64], cluster: u64) -> bool {
+    written[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
+}
+
+/// Words of the written-cluster bitmap of a disk of `size` bytes.
+fn bitmap_words(size: u64) -> usize {
+    size.div_ceil(CLUSTER).div_ceil(64) as usize
+}
+
+/// The bitmap as it is persisted (little-endian words).
+fn bitmap_bytes(written: &[u64]) -> Vec<u8> {
+    written.iter().flat_map(|word| word.to_le_bytes()).collect()
+}
+
+/// The persisted bitmap of `overlay`; `None` if it is missing or does not
+/// fit a disk of `size` bytes.
+fn read_bitmap(overlay: &Path, size: u64) -> Option<Vec<u64>> {
+    let bytes = std::fs::read(bitmap_path(overlay)).ok()?;
+    (bytes.len() == bitmap_words(size) * 8)
+        .then(|| bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
 /// Copies an overlay to `to`: only its written clusters (the copy stays
@@ -155,15 +164,20 @@ pub fn copy_overlay(from: &Path, to: &Path) -> std::io::Result<()> {
     let source = File::open(from)?;
     let size = source.metadata()?.len();
     // Without its bitmap an overlay reads as the bare base image: refuse.
-    if std::fs::metadata(bitmap_path(from))?.len() != size.div_ceil(CLUSTER).div_ceil(64) * 8 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} does not fit its overlay", bitmap_path(from).display())));
-    }
-    let written = read_bitmap(from, size);
+    let written = read_bitmap(from, size).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} does not fit its overlay", bitmap_path(from).display()))
+    })?;
+    write_overlay_copy(&source, size, &written, to)
+}
+
+/// Writes the clusters `written` marks, from `source`, and that bitmap as
+/// the overlay `to` of a disk of `size` bytes.
+fn write_overlay_copy(source: &File, size: u64, written: &[u64], to: &Path) -> std::io::Result<()> {
     let target = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
     target.set_len(size)?;
     let mut cluster = vec![0u8; CLUSTER as usize];
     for index in 0..size.div_ceil(CLUSTER) {
-        if written[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+        if cluster_written(written, index) {
             let offset = index * CLUSTER;
             let len = CLUSTER.min(size - offset) as usize;
             source.read_exact_at(&mut cluster[..len], offset)?;
@@ -171,8 +185,7 @@ pub fn copy_overlay(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     target.sync_data()?;
-    let bitmap: Vec<u8> = written.iter().flat_map(|word| word.to_le_bytes()).collect();
-    std::fs::write(bitmap_path(to), bitmap)
+    std::fs::write(bitmap_path(to), bitmap_bytes(written))
 }
 
 /// The overlay of the disk on virtio slot `slot` inside snapshot directory `dir`.

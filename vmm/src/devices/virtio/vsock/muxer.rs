@@ -127,7 +127,7 @@ impl Muxer {
             reset_unacknowledged: false,
             held_requests: Vec::new(),
             paused: false,
-            next_host_port: first_host_port()?,
+            next_host_port: FIRST_HOST_PORT,
             active: None,
         })
     }
@@ -434,18 +434,6 @@ impl Muxer {
             _ => {}
         }
     }
-}
-
-/// Where the ports of host-initiated connections start: a random point
-/// above [`FIRST_HOST_PORT`]. A device restored from a snapshot starts
-/// afresh while the guest may not yet have dropped the connections it had
-/// at the snapshot (it learns of the transport reset asynchronously); a new
-/// connection that reused an old port would reach such a stale socket
-/// instead of the listener.
-fn first_host_port() -> std::io::Result<u32> {
-    let mut bytes = [0u8; 4];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(FIRST_HOST_PORT + (u32::from_le_bytes(bytes) >> 3))
 }
 
 /// Reads `CONNECT <port>\n` from a new host stream (within one second).
