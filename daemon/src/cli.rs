@@ -108,6 +108,12 @@ pub struct ServeArgs {
     pub default_vcpus: u32,
     #[arg(long, default_value_t = 256)]
     pub default_max_processes: u32,
+    /// Writable disk of a sandbox whose Create names none, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub default_disk_mib: u32,
+    /// Largest writable disk a Create may ask for, in MiB.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_disk_mib: u32,
     /// Lifetime of a sandbox whose Create names none.
     #[arg(long, default_value_t = 300)]
     pub default_ttl_seconds: u64,
@@ -167,12 +173,14 @@ impl ServeArgs {
                     memory_mib: self.default_memory_mib,
                     vcpus: self.default_vcpus,
                     max_processes: self.default_max_processes,
+                    disk_mib: self.default_disk_mib,
                 },
                 default_ttl: Duration::from_secs(self.default_ttl_seconds),
                 max_ttl: Duration::from_secs(self.max_ttl_seconds),
                 max_memory_mib: 16 * 1024,
                 max_vcpus: host_cpus,
                 max_processes: 32_768,
+                max_disk_mib: self.max_disk_mib,
                 max_sandboxes: self.max_sandboxes,
             },
             api_keys,

@@ -31,6 +31,7 @@ pub struct Policy {
     pub max_memory_mib: u32,
     pub max_vcpus: u32,
     pub max_processes: u32,
+    pub max_disk_mib: u32,
     pub max_sandboxes: usize,
 }
 
@@ -101,11 +102,13 @@ impl Sandbox {
                 vcpus: self.limits.vcpus,
                 timeout_seconds: self.ttl.as_secs() as u32,
                 max_processes: self.limits.max_processes,
+                disk_mib: self.limits.disk_mib,
             }),
             metadata: self.metadata.clone(),
             created_at_unix_ms: unix_ms(self.created_at),
             expires_at_unix_ms: unix_ms(self.expires_at()),
             backend: backend.to_string(),
+            stopped_reason: String::new(),
         }
     }
 }
@@ -236,6 +239,7 @@ impl SandboxManager {
             memory_mib: pick(requested.memory_mib, policy.default_limits.memory_mib),
             vcpus: pick(requested.vcpus, policy.default_limits.vcpus),
             max_processes: pick(requested.max_processes, policy.default_limits.max_processes),
+            disk_mib: pick(requested.disk_mib, policy.default_limits.disk_mib),
         };
         let ttl = match requested.timeout_seconds {
             0 => policy.default_ttl,
@@ -248,6 +252,8 @@ impl SandboxManager {
              format!("limits.vcpus = {} is out of range: use 1..={}", limits.vcpus, policy.max_vcpus)),
             (limits.max_processes < 8 || limits.max_processes > policy.max_processes,
              format!("limits.max_processes = {} is out of range: use 8..={}", limits.max_processes, policy.max_processes)),
+            (limits.disk_mib < 16 || limits.disk_mib > policy.max_disk_mib,
+             format!("limits.disk_mib = {} is out of range: use 16..={}", limits.disk_mib, policy.max_disk_mib)),
             (ttl > policy.max_ttl,
              format!("limits.timeout_seconds = {} is too long: use at most {}", ttl.as_secs(), policy.max_ttl.as_secs())),
         ];

@@ -38,6 +38,8 @@ pub struct ResourceLimits {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub max_processes: u32,
+    /// Writable disk of the sandbox in MiB.
+    pub disk_mib: u32,
 }
 
 /// What a backend needs to launch one guest.
