@@ -280,3 +280,149 @@ impl Output {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }
 }
+
+/// A test's deadline, kept by a thread of its own so that it fires even
+/// when the test's async runtime is blocked. Past the deadline it prints
+/// every thread of this test's processes (state, wchan, syscall, kernel
+/// stack) and the tails of the microVM logs under this test's temporary
+/// directories, kills the processes this test started, and exits 1.
+/// Dropping it disarms it.
+pub struct Watchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Arms the deadline; arm it before the daemon starts so that a hung
+    /// start-up is caught too.
+    pub fn arm(what: &str, deadline: Duration) -> Watchdog {
+        let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+        let what = what.to_string();
+        std::thread::Builder::new()
+            .name("test-watchdog".into())
+            .spawn(move || {
+                if disarmed.recv_timeout(deadline) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    eprintln!("TEST-DEADLINE: {what} still running after {deadline:?}; its threads and microVM logs follow");
+                    dump_threads();
+                    print_vm_logs();
+                    kill_descendants();
+                    eprintln!("TEST-DEADLINE: {what} failed");
+                    // SAFETY: _exit(2) ends the process without running
+                    // exit handlers, which could block on a lock held by a
+                    // hung thread.
+                    unsafe { libc::_exit(1) };
+                }
+            })
+            .expect("spawn the test watchdog thread");
+        Watchdog { _disarm: disarm }
+    }
+}
+
+/// Lines of a kernel stack printed per thread, and of each log's tail.
+const DUMP_LINES: usize = 25;
+
+/// Prints, for every thread of this process, its descendants and any other
+/// `sandboxd` process: comm, state, wchan, syscall and kernel stack.
+pub fn dump_threads() {
+    let parents = process_parents();
+    let mut pids = descendants(&parents, std::process::id());
+    pids.push(std::process::id());
+    let others: Vec<u32> = parents.keys().filter(|pid| !pids.contains(pid) && is_sandboxd(**pid)).copied().collect();
+    pids.extend(others);
+    pids.sort_unstable();
+    for pid in pids {
+        let cmdline = read_proc(&format!("/proc/{pid}/cmdline")).replace('\0', " ");
+        eprintln!("==== process {pid}: {}", cmdline.trim());
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            dump_task(&task.path());
+        }
+    }
+}
+
+fn dump_task(task: &Path) {
+    let field = |name: &str| read_proc(&task.join(name).to_string_lossy()).trim().to_string();
+    let state = field("status").lines().find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string())).unwrap_or_default();
+    eprintln!(
+        "-- tid {} comm {} state {state} wchan {} syscall {}",
+        task.file_name().unwrap_or_default().to_string_lossy(),
+        field("comm"),
+        field("wchan"),
+        field("syscall")
+    );
+    for line in field("stack").lines().take(DUMP_LINES) {
+        eprintln!("   {line}");
+    }
+}
+
+/// A /proc file's text, or why it could not be read.
+fn read_proc(path: &str) -> String {
+    std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_else(|e| format!("({e})"))
+}
+
+/// Every process's parent, from /proc/PID/stat.
+fn process_parents() -> std::collections::HashMap<u32, u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Default::default() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // After "pid (comm)": state, then the parent's pid.
+            let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, parent))
+        })
+        .collect()
+}
+
+fn descendants(parents: &std::collections::HashMap<u32, u32>, root: u32) -> Vec<u32> {
+    let mut found = vec![root];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(parents.iter().filter(|(_, p)| **p == parent).map(|(pid, _)| *pid));
+        next += 1;
+    }
+    found.remove(0);
+    found
+}
+
+fn is_sandboxd(pid: u32) -> bool {
+    let cmdline = read_proc(&format!("/proc/{pid}/cmdline"));
+    cmdline.split('\0').next().is_some_and(|program| program.ends_with("sandboxd"))
+}
+
+/// SIGKILLs every process this one started, and theirs.
+fn kill_descendants() {
+    for pid in descendants(&process_parents(), std::process::id()) {
+        // SAFETY: kill(2) has no memory effects; a pid that has exited meanwhile only gives ESRCH.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// Prints the tails of every `vmm.log` and `serial.log` under this test
+/// process's temporary directories (daemon state dirs and template builds),
+/// which the daemon removes when it stops.
+pub fn print_vm_logs() {
+    let marker = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("sandboxd") && name.split(['-', '.']).any(|part| part == marker) {
+            print_logs_under(&entry.path(), 6);
+        }
+    }
+}
+
+fn print_logs_under(dir: &Path, depth: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for path in entries.flatten().map(|e| e.path()) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if path.is_dir() && depth > 0 {
+            print_logs_under(&path, depth - 1);
+        } else if name == "vmm.log" || name == "serial.log" {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<_> = text.lines().collect();
+            eprintln!("---- {}\n{}", path.display(), lines[lines.len().saturating_sub(DUMP_LINES)..].join("\n"));
+        }
+    }
+}

@@ -8,21 +8,14 @@
 //! SANDBOXD_KERNEL_DIR (kernel-config/build.sh) and SANDBOXD_GUEST_IMAGE_DIR
 //! (scripts/guest-image.sh). See README.md, "Linux guests".
 
-use std::{
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use sandbox_proto::api::{
     connect_request::Input, exec_event::Event, upload_request::Part, ConnectRequest, ConnectStart, CreateSandboxRequest,
     DeleteSandboxRequest, DownloadRequest, ExecRequest, Limits, PauseSandboxRequest, PtySize, ResumeSandboxRequest,
     SandboxState, UploadHeader, UploadRequest,
 };
-use sandboxd_tests::{binary, Clients, Daemon, DaemonOptions};
+use sandboxd_tests::{binary, print_vm_logs, Clients, Daemon, DaemonOptions, Watchdog};
 
 /// Guest memory of every sandbox here (a template snapshot writes it out).
 const MEMORY_MIB: u32 = 128;
@@ -51,57 +44,31 @@ fn microvm_options(images: &Images, pool_size: usize, extra: &[String]) -> Daemo
         pool_size,
         extra_args,
         metrics: true,
-        // The daemon builds its default template (boot, snapshot, one recorded restore) before serving.
-        start_timeout: Duration::from_secs(600),
+        // The daemon builds its default template (boot, snapshot, one recorded restore) before
+        // serving; the test's own deadline (armed before) fires first, with the threads' stacks.
+        start_timeout: TEST_DEADLINE,
         ..Default::default()
     }
 }
 
-/// Longest a test here may take before it is failed with the microVMs' logs.
-const TEST_DEADLINE: Duration = Duration::from_secs(240);
+/// Longest a test here may take, its daemon's start-up (which builds the
+/// default template) included, before it is failed with every thread's
+/// kernel stack and the microVMs' logs.
+const TEST_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Prints every microVM's VMM log and console when the test fails, or when
-/// it hangs past [`TEST_DEADLINE`] (then it also ends the process): the
-/// daemon removes its state directory when it stops.
-struct LogsOnFailure {
-    state_dir: PathBuf,
-    done: Arc<AtomicBool>,
-}
-
-impl LogsOnFailure {
-    fn arm(daemon: &Daemon) -> Self {
-        let (state_dir, done) = (daemon.state_dir.clone(), Arc::new(AtomicBool::new(false)));
-        let (dir, finished) = (state_dir.clone(), Arc::clone(&done));
-        std::thread::spawn(move || {
-            std::thread::sleep(TEST_DEADLINE);
-            if !finished.load(Ordering::Relaxed) {
-                eprintln!("the test hung for {TEST_DEADLINE:?}");
-                print_vm_logs(&dir);
-                std::process::exit(1);
-            }
-        });
-        Self { state_dir, done }
-    }
-}
-
-impl Drop for LogsOnFailure {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Relaxed);
-        if std::thread::panicking() {
-            print_vm_logs(&self.state_dir);
-        }
-    }
-}
-
-fn print_vm_logs(state_dir: &Path) {
-    let Ok(vms) = std::fs::read_dir(state_dir.join("microvms")) else { return };
-    for vm in vms.flatten() {
-        for log in ["vmm.log", "serial.log"] {
-            let text = std::fs::read_to_string(vm.path().join(log)).unwrap_or_default();
-            let tail: Vec<_> = text.lines().rev().take(25).collect();
-            eprintln!("---- {} {log}\n{}", vm.file_name().to_string_lossy(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
-    }
+/// Arms a test's deadline (from its first line, so that it covers the
+/// daemon's start-up) and makes a panic print the tails of the microVMs'
+/// logs first, before unwinding stops the daemon (which removes them).
+fn arm_deadline(test: &str, deadline: Duration) -> Watchdog {
+    static LOGS_ON_PANIC: std::sync::Once = std::sync::Once::new();
+    LOGS_ON_PANIC.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            print_vm_logs();
+        }));
+    });
+    Watchdog::arm(test, deadline)
 }
 
 async fn timed_create(api: &mut Clients, request: CreateSandboxRequest) -> (String, Duration) {
@@ -119,8 +86,8 @@ async fn create_timed(api: &mut Clients, request: CreateSandboxRequest, what: &s
 #[tokio::test(flavor = "multi_thread")]
 async fn linux_guest_boots_to_the_agent_and_serves_the_api() {
     let Some(images) = images() else { return };
+    let _deadline = arm_deadline("linux_guest_boots_to_the_agent_and_serves_the_api", TEST_DEADLINE);
     let daemon = Daemon::start(microvm_options(&images, 0, &[])).await;
-    let _logs = LogsOnFailure::arm(&daemon);
     let mut api = daemon.clients(None).await;
     // Another memory size than the template's: a cold boot.
     let limits = Limits { memory_mib: MEMORY_MIB + 64, ..Default::default() };
@@ -150,31 +117,34 @@ async fn linux_guest_boots_to_the_agent_and_serves_the_api() {
     }
     assert!(screen.contains("30 90"), "{screen}");
 
-    upload(&mut api, &id, "/home/user/f", b"in a microVM").await;
-    assert_eq!(download(&mut api, &id, "/home/user/f").await, b"in a microVM");
+    upload(&mut api, &id, "/home/user/f", b"in a microVM").await.expect("Upload");
+    assert_eq!(download(&mut api, &id, "/home/user/f").await.expect("Download"), b"in a microVM");
     api.sandboxes.delete(DeleteSandboxRequest { id }).await.unwrap();
 }
 
-async fn upload(api: &mut Clients, id: &str, path: &str, data: &[u8]) {
+async fn upload(api: &mut Clients, id: &str, path: &str, data: &[u8]) -> Result<(), tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(UploadRequest { part: Some(Part::Header(UploadHeader { sandbox_id: id.into(), path: path.into(), mode: 0 })) }).await.unwrap();
-    tx.send(UploadRequest { part: Some(Part::Data(data.to_vec().into())) }).await.unwrap();
+    let header = UploadHeader { sandbox_id: id.into(), path: path.into(), mode: 0 };
+    for part in [Part::Header(header), Part::Data(data.to_vec().into())] {
+        tx.send(UploadRequest { part: Some(part) }).await.expect("the upload stream is open");
+    }
     drop(tx);
-    api.files.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    api.files.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(drop)
 }
 
-async fn download(api: &mut Clients, id: &str, path: &str) -> Vec<u8> {
-    let mut chunks = api.files.download(DownloadRequest { sandbox_id: id.into(), path: path.into() }).await.unwrap().into_inner();
+async fn download(api: &mut Clients, id: &str, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut chunks = api.files.download(DownloadRequest { sandbox_id: id.into(), path: path.into() }).await?.into_inner();
     let mut data = Vec::new();
-    while let Some(chunk) = chunks.message().await.unwrap() {
+    while let Some(chunk) = chunks.message().await? {
         data.extend_from_slice(&chunk.data);
     }
-    data
+    Ok(data)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn template_build_reports_progress_and_writes_a_restorable_template() {
     let Some(images) = images() else { return };
+    let _deadline = arm_deadline("template_build_reports_progress_and_writes_a_restorable_template", TEST_DEADLINE);
     let out = std::env::temp_dir().join(format!("sandboxd-e2e-template-{}", std::process::id()));
     let started = Instant::now();
     let output = std::process::Command::new(binary("sandboxd"))
@@ -195,7 +165,6 @@ async fn template_build_reports_progress_and_writes_a_restorable_template() {
     // A daemon serves it under a name of its own.
     let extra = vec!["--template".to_string(), format!("built={}", out.display())];
     let daemon = Daemon::start(microvm_options(&images, 0, &extra)).await;
-    let _logs = LogsOnFailure::arm(&daemon);
     let mut api = daemon.clients(None).await;
     let request = CreateSandboxRequest { template: "built".into(), ..Default::default() };
     let id = create_timed(&mut api, request, "restore of a `template build` template").await;
@@ -206,8 +175,8 @@ async fn template_build_reports_progress_and_writes_a_restorable_template() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restored_sandboxes_differ_in_rng_and_survive_pause_to_disk() {
     let Some(images) = images() else { return };
+    let _deadline = arm_deadline("restored_sandboxes_differ_in_rng_and_survive_pause_to_disk", TEST_DEADLINE);
     let daemon = Daemon::start(microvm_options(&images, 1, &["--pool-max".into(), "1".into()])).await;
-    let _logs = LogsOnFailure::arm(&daemon);
     let mut api = daemon.clients(None).await;
     let ready = "sandboxd_pool_ready{template=\"default\"}";
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -237,7 +206,7 @@ async fn restored_sandboxes_differ_in_rng_and_survive_pause_to_disk() {
     assert!(guest_now.abs_diff(host_now) < 30, "the restored guest's clock was set: guest {guest_now}, host {host_now}");
 
     // Pause to disk: files and processes come back.
-    upload(&mut api, &cold, "/home/user/kept", b"across a pause").await;
+    upload(&mut api, &cold, "/home/user/kept", b"across a pause").await.expect("Upload");
     let sleeper = api.sh(&cold, "sleep 10000 >/dev/null 2>&1 & echo $!").await;
     let paused = api.sandboxes.pause(PauseSandboxRequest { id: cold.clone() }).await.unwrap().into_inner();
     assert_eq!(paused.state, SandboxState::Paused as i32);
@@ -248,11 +217,195 @@ async fn restored_sandboxes_differ_in_rng_and_survive_pause_to_disk() {
     let started = Instant::now();
     api.sandboxes.resume(ResumeSandboxRequest { id: cold.clone() }).await.unwrap();
     eprintln!("microVM Resume from disk: {:?}", started.elapsed());
-    assert_eq!(download(&mut api, &cold, "/home/user/kept").await, b"across a pause");
+    assert_eq!(download(&mut api, &cold, "/home/user/kept").await.expect("Download"), b"across a pause");
     let alive = api.exec(&cold, &["kill", "-0", sleeper.trim()]).await.unwrap();
     assert_eq!(alive.code(), Some(0), "the process started before the pause still runs");
     assert_eq!(api.sh(&pooled, "echo untouched").await, "untouched\n", "the other sandbox is unaffected");
     for id in [pooled, cold] {
         api.sandboxes.delete(DeleteSandboxRequest { id }).await.unwrap();
     }
+}
+
+/// Longest one step of a stress cycle may take before it counts as hung.
+const STRESS_STEP_DEADLINE: Duration = Duration::from_secs(90);
+/// What the stress run's own deadline allows per cycle (a cycle takes well
+/// under a minute; hung steps end at their own deadline).
+const STRESS_CYCLE_BUDGET: Duration = Duration::from_secs(120);
+/// A stress run stops early after this many hung steps (the daemon is stuck).
+const STRESS_MOST_HANGS: u32 = 3;
+
+/// What a stress run counted: each step's durations, restores that
+/// succeeded, and steps (of any kind) that failed or hung.
+#[derive(Default)]
+struct StressTally {
+    durations: std::collections::BTreeMap<&'static str, Vec<Duration>>,
+    restores_ok: u32,
+    failed: Vec<String>,
+    hung: Vec<String>,
+}
+
+impl StressTally {
+    /// Runs one step under its deadline; `None` when it failed or hung.
+    async fn step<T>(&mut self, cycle: u32, name: &'static str, restore: bool, work: impl std::future::Future<Output = Result<T, String>>) -> Option<T> {
+        let started = Instant::now();
+        match tokio::time::timeout(STRESS_STEP_DEADLINE, work).await {
+            Ok(Ok(value)) => {
+                self.durations.entry(name).or_default().push(started.elapsed());
+                self.restores_ok += u32::from(restore);
+                Some(value)
+            }
+            Ok(Err(error)) => {
+                eprintln!("stress: cycle {cycle}: {name} failed: {error}");
+                self.failed.push(format!("cycle {cycle}: {name}: {error}"));
+                None
+            }
+            Err(_) => {
+                eprintln!("stress: cycle {cycle}: {name} hung for {STRESS_STEP_DEADLINE:?}; threads follow");
+                sandboxd_tests::dump_threads();
+                self.hung.push(format!("cycle {cycle}: {name}"));
+                None
+            }
+        }
+    }
+
+    fn report(&self, cycles: u32) {
+        for (step, durations) in &self.durations {
+            let mut sorted = durations.clone();
+            sorted.sort_unstable();
+            let at = |percent: usize| sorted[(sorted.len() * percent).div_ceil(100).max(1) - 1];
+            eprintln!("stress step {step}: {} runs, p50 {:.2?}, p99 {:.2?}", sorted.len(), at(50), at(99));
+        }
+        eprintln!("stress: {cycles} cycles, {} restores ok, {} failed, {} hung", self.restores_ok, self.failed.len(), self.hung.len());
+    }
+}
+
+/// Creates a sandbox from `template` (a restore, or a take from the pool)
+/// and checks that its agent runs a command.
+async fn create_and_check(api: &mut Clients, template: &str) -> Result<String, String> {
+    let request = CreateSandboxRequest { template: template.into(), ..Default::default() };
+    let id = api.sandboxes.create(request).await.map_err(|e| format!("Create: {e}"))?.into_inner().id;
+    match answers(api, &id).await {
+        Ok(()) => Ok(id),
+        Err(error) => {
+            let _ = delete(api, id).await;
+            Err(error)
+        }
+    }
+}
+
+/// Whether the sandbox's agent runs `echo` and returns its output.
+async fn answers(api: &mut Clients, id: &str) -> Result<(), String> {
+    let output = api.exec(id, &["echo", "alive"]).await.map_err(|e| format!("Exec in {id}: {e}"))?;
+    match output.stdout_text().as_str() {
+        "alive\n" => Ok(()),
+        other => Err(format!("Exec in {id} printed {other:?}, stderr {:?}", output.stderr_text())),
+    }
+}
+
+async fn delete(api: &mut Clients, id: String) -> Result<(), String> {
+    api.sandboxes.delete(DeleteSandboxRequest { id }).await.map(drop).map_err(|e| format!("Delete: {e}"))
+}
+
+/// Restores one template and deletes the clone again.
+async fn restore_cycle_step(tally: &mut StressTally, cycle: u32, api: &mut Clients, step: &'static str, template: &str) {
+    if let Some(id) = tally.step(cycle, step, true, create_and_check(api, template)).await {
+        tally.step(cycle, "delete", false, delete(api, id)).await;
+    }
+}
+
+async fn wait_for_pool(daemon: &Daemon) -> Result<(), String> {
+    while daemon.metric("sandboxd_pool_ready{template=\"default\"}") != Some(1.0) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Two Creates at once on the default template (one from the pool, one cold).
+async fn two_creates(api: &mut Clients) -> Result<(String, String), String> {
+    let mut second = Clients::new_from(api);
+    let (first, other) = tokio::join!(create_and_check(api, ""), create_and_check(&mut second, ""));
+    Ok((first?, other?))
+}
+
+async fn pause(api: &mut Clients, id: &str) -> Result<(), String> {
+    upload(api, id, "/home/user/kept", b"across a pause").await.map_err(|e| format!("Upload: {e}"))?;
+    api.sandboxes.pause(PauseSandboxRequest { id: id.into() }).await.map(drop).map_err(|e| format!("Pause: {e}"))
+}
+
+async fn resume(api: &mut Clients, id: &str) -> Result<(), String> {
+    api.sandboxes.resume(ResumeSandboxRequest { id: id.into() }).await.map_err(|e| format!("Resume: {e}"))?;
+    answers(api, id).await?;
+    match download(api, id, "/home/user/kept").await.map_err(|e| format!("Download: {e}"))?.as_slice() {
+        b"across a pause" => Ok(()),
+        other => Err(format!("the file written before the pause reads {:?}", String::from_utf8_lossy(other))),
+    }
+}
+
+/// One cycle: a restore in each memory mode, a pool take and refill, two
+/// concurrent Creates, Pause to disk and Resume, Delete.
+async fn stress_cycle(tally: &mut StressTally, cycle: u32, uffd: &Daemon, uffd_api: &mut Clients, map_private_api: &mut Clients) {
+    restore_cycle_step(tally, cycle, uffd_api, "restore uffd_prefetch", "built").await;
+    restore_cycle_step(tally, cycle, uffd_api, "restore uffd", "bare").await;
+    restore_cycle_step(tally, cycle, map_private_api, "restore map_private", "built").await;
+    if tally.step(cycle, "pool refill", true, wait_for_pool(uffd)).await.is_none() {
+        return;
+    }
+    let Some(pooled) = tally.step(cycle, "pool take", false, create_and_check(uffd_api, "")).await else { return };
+    tally.step(cycle, "delete", false, delete(uffd_api, pooled)).await;
+    let Some((first, second)) = tally.step(cycle, "two concurrent creates", true, two_creates(uffd_api)).await else { return };
+    if tally.step(cycle, "pause to disk", false, pause(uffd_api, &first)).await.is_some() {
+        tally.step(cycle, "resume from disk", true, resume(uffd_api, &first)).await;
+    }
+    for id in [first, second] {
+        tally.step(cycle, "delete", false, delete(uffd_api, id)).await;
+    }
+}
+
+/// Builds a template with `sandboxd template build` into `dir`, and a copy
+/// without its recorded working set (restores of it do not prefetch).
+fn build_stress_templates(images: &Images, dir: &std::path::Path) -> (String, String) {
+    let built = dir.join("built");
+    let output = std::process::Command::new(binary("sandboxd"))
+        .args(["template", "build", "--kernel", &images.kernel, "--rootfs-image", &images.rootfs, "--memory-mib", "128", "--out"])
+        .arg(&built)
+        .output()
+        .expect("run sandboxd template build");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for file in std::fs::read_dir(&built).unwrap().flatten().filter(|f| f.file_name() != "working-set") {
+        std::fs::copy(file.path(), bare.join(file.file_name())).unwrap();
+    }
+    (format!("built={}", built.display()), format!("bare={}", bare.display()))
+}
+
+/// `tests/nested/run.sh --stress N` (issue 9): N cycles of restores in both
+/// memory modes with and without prefetch, pool take and refill, two
+/// concurrent Creates, Pause to disk and Resume, Delete; none may fail or hang.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by tests/nested/run.sh --stress N (SANDBOXD_STRESS_CYCLES)"]
+async fn restore_stress() {
+    let Some(images) = images() else { return };
+    let cycles: u32 = std::env::var("SANDBOXD_STRESS_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(3);
+    let _deadline = arm_deadline("restore_stress", TEST_DEADLINE * 2 + STRESS_CYCLE_BUDGET * cycles);
+    let dir = std::env::temp_dir().join(format!("sandboxd-e2e-stress-{}", std::process::id()));
+    let (built, bare) = build_stress_templates(&images, &dir);
+    let uffd_args = ["--pool-max".into(), "1".into(), "--template".into(), built.clone(), "--template".into(), bare];
+    let map_private_args = ["--restore-memory".into(), "map-private".into(), "--template".into(), built];
+    let (uffd, map_private) = tokio::join!(
+        Daemon::start(microvm_options(&images, 1, &uffd_args)),
+        Daemon::start(microvm_options(&images, 0, &map_private_args)),
+    );
+    let (mut uffd_api, mut map_private_api) = (uffd.clients(None).await, map_private.clients(None).await);
+    let mut tally = StressTally::default();
+    for cycle in 1..=cycles {
+        stress_cycle(&mut tally, cycle, &uffd, &mut uffd_api, &mut map_private_api).await;
+        if tally.hung.len() as u32 >= STRESS_MOST_HANGS {
+            eprintln!("stress: stopping after cycle {cycle}: {} steps hung", tally.hung.len());
+            break;
+        }
+    }
+    tally.report(cycles);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(tally.failed.is_empty() && tally.hung.is_empty(), "failed: {:?}; hung: {:?}", tally.failed, tally.hung);
 }
