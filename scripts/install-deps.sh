@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing sandboxd needs on Debian: the C
-# toolchain and libclang (userfaultfd bindings), busybox and python3 (guest
-# image and jail tests), procps and iproute2, and the Python test client's
+# toolchain and libclang (userfaultfd bindings), mmdebstrap and e2fsprogs
+# (the sandbox root image), python3, procps and iproute2, and the Python test client's
 # packages in a virtualenv at target/pyenv. Installs Rust with rustup when
 # cargo is missing. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(build-essential pkg-config libclang-dev busybox-static python3 python3-venv procps iproute2 binutils curl ca-certificates)
+apt_packages=(build-essential pkg-config libclang-dev mmdebstrap e2fsprogs python3 python3-venv procps iproute2 binutils curl ca-certificates)
 scripts/apt-install.sh "${apt_packages[@]}"
 
 if ! command -v cargo >/dev/null; then
