@@ -58,6 +58,8 @@ struct Source {
     len: usize,
     /// (host address of the guest range, its length, its offset in the file)
     ranges: Vec<(u64, u64, u64)>,
+    /// The memory file itself, for snapshots of pages not served yet.
+    file: File,
 }
 
 // SAFETY: the source mapping is read-only and lives as long as the Arc that
@@ -153,6 +155,11 @@ impl UffdMemory {
         &self.memory
     }
 
+    /// The memory file the guest's pages are served from.
+    pub fn source_file(&self) -> &File {
+        &self.source.file
+    }
+
     pub fn stats(&self) -> &UffdStats {
         &self.stats
     }
@@ -232,6 +239,7 @@ impl Drop for UffdMemory {
 }
 
 fn map_source(file: &File, size: u64, ranges: Vec<(u64, u64, u64)>) -> Result<Source, UffdError> {
+    let file = file.try_clone().map_err(|e| UffdError::Map(e.to_string()))?;
     // SAFETY: a fresh read-only shared mapping of `size` bytes of `file`;
     // the result is checked and owned by the returned Source.
     let base = unsafe {
@@ -240,7 +248,7 @@ fn map_source(file: &File, size: u64, ranges: Vec<(u64, u64, u64)>) -> Result<So
     if base == libc::MAP_FAILED {
         return Err(UffdError::Map(std::io::Error::last_os_error().to_string()));
     }
-    Ok(Source { base: base as *const u8, len: size as usize, ranges })
+    Ok(Source { base: base as *const u8, len: size as usize, ranges, file })
 }
 
 /// The fault-serving loop, on its own thread.

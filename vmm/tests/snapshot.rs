@@ -3,12 +3,16 @@
 //! memory modes, the count continues from where it was and the pattern is
 //! intact; clones diverge without touching each other or the memory file;
 //! the uffd handler serves only the pages the guest touches; a corrupted
-//! snapshot is refused.
+//! snapshot is refused. A snapshot of each memory backing (a fresh VM's
+//! memfd, a MAP_PRIVATE clone, a uffd clone) writes the pages that hold
+//! data and nothing else, faults in none of the untouched memory, and
+//! restores to the exact bytes.
 
 mod support;
 
 use std::{
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, MetadataExt},
+    path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
@@ -19,7 +23,7 @@ use sandbox_vmm::{
     MicroVm, VmExit,
 };
 use support::{start_payload, RecorderDevice, SharedConsole, TEST_PORT, TEST_PORT_LEN};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 const WAIT: Duration = Duration::from_secs(30);
 const PATTERN_START: u64 = 0x100_0000;
@@ -184,4 +188,186 @@ fn corrupted_or_foreign_snapshots_are_refused() {
     let refused = snapshot::load_state(&files).err().expect("another major version is refused");
     assert!(refused.to_string().contains("rebuild the template"), "{refused}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+const SPARSE_GUEST_MIB: u32 = 128;
+const PAGE: u64 = 4096;
+const GO_FLAG: u64 = 0x40_1000;
+/// Pages the payload's image, stack, boot data and go flag may add to the
+/// pages a sparse test counts.
+const BASELINE_PAGES: u64 = 32;
+/// Pages a freshly booted [`SPARSE_BODY`] filled with data.
+const BOOT_DATA_PAGES: u64 = 1024;
+/// Pages its clone holds with data: it wiped 256 of them and filled 512 more.
+const CLONE_DATA_PAGES: u64 = BOOT_DATA_PAGES - 256 + 512;
+
+/// Boot: one word in every other page of [16 MiB, 24 MiB) (1024 pages of
+/// data) and a zero word in each page of [32 MiB, 36 MiB) (pages that exist
+/// but hold nothing); reports on port 0x10. Once the host sets the go flag
+/// (a clone): one word in every other page of [40 MiB, 44 MiB) (512 more)
+/// and a zero word in each page of [16 MiB, 18 MiB) (wiping 256 of the
+/// first ones); reports on port 0x11; then spins.
+const SPARSE_BODY: &str = r#"
+    mov $0x1000000, %rdi
+1:  mov %rdi, (%rdi)
+    add $0x2000, %rdi
+    cmp $0x1800000, %rdi
+    jb 1b
+    mov $0x2000000, %rdi
+2:  movq $0, (%rdi)
+    add $0x1000, %rdi
+    cmp $0x2400000, %rdi
+    jb 2b
+    out %al, $0x10
+3:  cmpq $0, 0x401000
+    je 3b
+    mov $0x2800000, %rdi
+4:  mov %rdi, (%rdi)
+    add $0x2000, %rdi
+    cmp $0x2c00000, %rdi
+    jb 4b
+    mov $0x1000000, %rdi
+5:  movq $0, (%rdi)
+    add $0x1000, %rdi
+    cmp $0x1200000, %rdi
+    jb 5b
+    out %al, $0x11
+6:  jmp 6b
+"#;
+
+/// Where the sparse tests write snapshots: the temp dir (ext4 here) and
+/// tmpfs, whose holes and data extents differ.
+fn snapshot_places(name: &str) -> Vec<PathBuf> {
+    let mut places = vec![temp_dir(name)];
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let dir = shm.join(format!("sandboxd-snapshot-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        places.push(dir);
+    }
+    places
+}
+
+/// Boots [`SPARSE_BODY`] and pauses it once it filled its first pages.
+fn paused_sparse_boot() -> MicroVm {
+    let (vm, ports, _) = start_payload(SPARSE_BODY, SPARSE_GUEST_MIB, 1, |_| {});
+    assert_eq!(ports.wait_for_writes(1, WAIT).len(), 1, "the payload filled its pages");
+    vm.pause().unwrap();
+    vm
+}
+
+/// Restores a clone of the sparse template in `mode`, lets it run its
+/// second phase and pauses it.
+fn paused_sparse_clone(template: &SnapshotFiles, mode: RestoreMode) -> MicroVm {
+    let state = Arc::new(snapshot::load_state(template).unwrap());
+    let memory = snapshot::restore_memory(template, &state, mode).unwrap();
+    let mut builder = MicroVmBuilder::restore(state, memory, Box::new(SharedConsole::default()), Vec::new()).unwrap();
+    let ports = Arc::new(support::PortRecorder::default());
+    builder.add_pio_device(TEST_PORT, TEST_PORT_LEN, Arc::new(Mutex::new(RecorderDevice(ports.clone())))).unwrap();
+    let vm = builder.start().unwrap();
+    vm.memory().write_obj(1u64, GuestAddress(GO_FLAG)).unwrap();
+    vm.resume();
+    assert_eq!(ports.wait_for_writes(1, WAIT).len(), 1, "the clone ran its second phase");
+    vm.pause().unwrap();
+    vm
+}
+
+/// The resident size of the mapping that starts at `address`, from
+/// /proc/self/smaps: per mapping, so VMs of tests running beside this one
+/// do not count.
+fn mapping_rss_kib(address: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let start = format!("{address:x}-");
+    let mut lines = smaps.lines().skip_while(|line| !line.starts_with(&start));
+    assert!(lines.next().is_some(), "no mapping at {address:#x} in /proc/self/smaps");
+    let rss = lines.find(|line| line.starts_with("Rss:")).expect("an Rss line");
+    rss.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("a size in kB")
+}
+
+/// What guest memory holds in the host: resident pages of its mapping,
+/// pages allocated in its memfd (a fresh VM), faults its uffd handler
+/// served (a uffd clone).
+#[derive(Debug, Clone, Copy)]
+struct Footprint {
+    rss_kib: u64,
+    memfd_blocks: Option<u64>,
+    uffd_faults: Option<u64>,
+}
+
+fn footprint(vm: &MicroVm) -> Footprint {
+    let region = vm.memory().iter().next().expect("one RAM region");
+    Footprint {
+        rss_kib: mapping_rss_kib(region.as_ptr() as u64),
+        memfd_blocks: region.file_offset().filter(|_| region.flags() & libc::MAP_SHARED != 0).map(|f| f.file().metadata().unwrap().blocks()),
+        uffd_faults: vm.uffd().map(|uffd| uffd.stats().faults.load(Ordering::Relaxed)),
+    }
+}
+
+/// Whether two guest memories hold the same bytes, compared 1 MiB at a time.
+fn same_bytes(a: &vm_memory::GuestMemoryMmap, b: &vm_memory::GuestMemoryMmap) -> bool {
+    const CHUNK: usize = 1 << 20;
+    let (mut left, mut right) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    (0..u64::from(SPARSE_GUEST_MIB) << 20).step_by(CHUNK).all(|address| {
+        a.read_slice(&mut left, GuestAddress(address)).unwrap();
+        b.read_slice(&mut right, GuestAddress(address)).unwrap();
+        left == right
+    })
+}
+
+/// Snapshots the paused `vm` into `dir` and checks that it wrote about
+/// `data_pages` pages, faulted in none of the untouched memory, and restores
+/// (in both modes) to the very bytes of `vm`.
+fn snapshot_is_sparse_and_exact(vm: &MicroVm, dir: &Path, data_pages: u64) -> SnapshotFiles {
+    std::fs::create_dir_all(dir).unwrap();
+    let files = SnapshotFiles::in_dir(dir);
+    let before = footprint(vm);
+    snapshot::create(vm, &files).expect("snapshot a paused VM");
+    let after = footprint(vm);
+    assert!(after.rss_kib <= before.rss_kib + 1024, "snapshotting grew the guest mapping: {before:?} -> {after:?}");
+    assert_eq!(after.memfd_blocks, before.memfd_blocks, "snapshotting allocated pages in the memfd");
+    assert_eq!(after.uffd_faults, before.uffd_faults, "snapshotting faulted pages in through userfaultfd");
+    let written = std::fs::metadata(&files.memory).unwrap().blocks() * 512 / PAGE;
+    assert!(
+        (data_pages..=data_pages + BASELINE_PAGES).contains(&written),
+        "the memory file holds {written} pages, the guest {data_pages} (+ up to {BASELINE_PAGES} of its image)"
+    );
+    let state = snapshot::load_state(&files).unwrap();
+    for mode in [RestoreMode::MapPrivate, RestoreMode::Uffd { prefetch: Vec::new(), record: false }] {
+        let restored = snapshot::restore_memory(&files, &state, mode).unwrap();
+        assert!(same_bytes(vm.memory(), restored.memory()), "the restored memory differs from the snapshotted VM's");
+    }
+    files
+}
+
+#[test]
+fn a_fresh_vm_snapshot_writes_only_its_data_pages() {
+    for dir in snapshot_places("fresh-sparse") {
+        let mut vm = paused_sparse_boot();
+        snapshot_is_sparse_and_exact(&vm, &dir, BOOT_DATA_PAGES);
+        vm.stop();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn a_map_private_clone_snapshot_writes_its_own_and_its_template_pages() {
+    clone_snapshot_is_sparse_and_exact("private-sparse", || RestoreMode::MapPrivate);
+}
+
+#[test]
+fn a_uffd_clone_snapshot_writes_served_and_unserved_pages_without_faulting() {
+    clone_snapshot_is_sparse_and_exact("uffd-sparse", || RestoreMode::Uffd { prefetch: Vec::new(), record: false });
+}
+
+fn clone_snapshot_is_sparse_and_exact(name: &str, mode: fn() -> RestoreMode) {
+    for dir in snapshot_places(name) {
+        let mut template_vm = paused_sparse_boot();
+        let template = snapshot_is_sparse_and_exact(&template_vm, &dir.join("template"), BOOT_DATA_PAGES);
+        template_vm.stop();
+        let mut clone = paused_sparse_clone(&template, mode());
+        snapshot_is_sparse_and_exact(&clone, &dir.join("clone"), CLONE_DATA_PAGES);
+        clone.stop();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

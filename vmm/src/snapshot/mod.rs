@@ -1,25 +1,25 @@
 //! Snapshots of a paused microVM and their restore. A snapshot directory
 //! holds `state` (versioned, checksummed: VM, vCPU, serial console and
-//! virtio transport state), `memory` (guest RAM, sparse: zero pages are
-//! holes) and each disk's overlay (`diskN.overlay`, whose written clusters
+//! virtio transport state), `memory` (guest RAM, sparse: pages never used
+//! or zero are holes; see [`memory_file`]) and each disk's overlay (`diskN.overlay`, whose written clusters
 //! every clone copies). Restore maps the memory file
 //! privately (copy-on-write, page cache shared by every clone) or serves it
 //! lazily through userfaultfd, optionally prefetching a recorded working set.
 
 pub mod format;
+pub mod memory_file;
 pub mod persist;
 pub mod state;
 
 use std::{
-    fs::{File, OpenOptions},
-    os::unix::fs::FileExt,
+    fs::File,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 pub use format::FormatError;
+pub use memory_file::{keep_page_map, MemoryFileError};
 pub use state::{StateError, VcpuState, VmState};
 
 use crate::{
@@ -48,6 +48,8 @@ pub enum SnapshotError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Uffd(#[from] UffdError),
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
     #[error("cannot {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("the VM must be paused to be snapshotted: call pause() first")]
@@ -94,7 +96,7 @@ pub fn create(vm: &MicroVm, files: &SnapshotFiles) -> Result<(), SnapshotError> 
         let indices = msr_indices.clone();
         vcpus.push(vcpu.run_on_vcpu(move |fd| VcpuState::save(fd, &indices)).map_err(not_paused)??);
     }
-    let memory_bytes = write_memory(vm.memory(), &files.memory)?;
+    let memory_bytes = memory_file::write(vm.memory(), vm.uffd().map(UffdMemory::source_file), &files.memory)?;
     let devices = save_devices(vm, files)?;
     let state = MicroVmState { memory_bytes, vm: VmState::save(vm.vm().fd())?, vcpus, serial: vm.serial_state(), devices };
     let encoded = format::encode(&state)?;
@@ -121,32 +123,6 @@ fn not_paused(error: VcpuError) -> SnapshotError {
         VcpuError::NotPaused(_) => SnapshotError::NotPaused,
         other => SnapshotError::Vcpu(other),
     }
-}
-
-/// Writes guest RAM to `path`, skipping zero pages (left as holes).
-/// The file is written under another name and renamed into place: a VM
-/// restored from a snapshot in the same place still maps the old file,
-/// which must not change under it.
-fn write_memory(memory: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
-    let partial = path.with_extension("partial");
-    let file = OpenOptions::new().create(true).write(true).truncate(true).open(&partial).map_err(io_error("create", &partial))?;
-    let mut offset = 0u64;
-    for region in memory.iter() {
-        let len = region.len();
-        // SAFETY: the region maps `len` bytes at as_ptr(); the VM is paused,
-        // so nothing writes them while they are read.
-        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len as usize) };
-        for (index, page) in bytes.chunks(crate::uffd::PAGE_SIZE as usize).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                file.write_all_at(page, offset + index as u64 * crate::uffd::PAGE_SIZE).map_err(io_error("write", &partial))?;
-            }
-        }
-        offset += len;
-    }
-    file.set_len(offset).map_err(io_error("size", &partial))?;
-    file.sync_all().map_err(io_error("sync", &partial))?;
-    std::fs::rename(&partial, path).map_err(io_error("rename", path))?;
-    Ok(offset)
 }
 
 /// Reads and verifies a snapshot's state file.
