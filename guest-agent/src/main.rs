@@ -1,10 +1,11 @@
 //! `sandbox-agent`: PID 1 and API server inside every sandbox.
 //!
 //! ```text
-//! sandbox-agent [--unix PATH] [--vsock PORT] [--init]
+//! sandbox-agent [--unix PATH] [--listen-fd FD] [--vsock PORT] [--init]
 //! ```
-//! `--unix` serves the agent API on a unix socket (jails), `--vsock` on a
-//! vsock port. `--init` mounts /proc, /sys, /dev, /dev/pts, /tmp and /run
+//! `--listen-fd` serves the agent API on a listening unix socket it
+//! inherited (jails: the daemon binds it where the jail cannot reach),
+//! `--unix` on a unix socket it binds itself, `--vsock` on a vsock port. `--init` mounts /proc, /sys, /dev, /dev/pts, /tmp and /run
 //! first. Started as PID 1 without arguments (a microVM's init), it does
 //! both: mounts, then serves on vsock port 1024.
 
@@ -31,7 +32,7 @@ const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 enum AgentError {
-    #[error("{0}\nusage: sandbox-agent [--unix PATH] [--vsock PORT] [--init]")]
+    #[error("{0}\nusage: sandbox-agent [--unix PATH] [--listen-fd FD] [--vsock PORT] [--init]")]
     Usage(String),
     #[error(transparent)]
     Init(#[from] init::InitError),
@@ -45,6 +46,7 @@ enum AgentError {
 
 enum Listen {
     Unix(PathBuf),
+    Inherited(std::os::fd::RawFd),
     Vsock(u32),
 }
 
@@ -65,6 +67,11 @@ fn parse_args() -> Result<Options, AgentError> {
                 let port = port.parse().map_err(|_| AgentError::Usage(format!("--vsock {port}: not a port number")))?;
                 listen = Some(Listen::Vsock(port));
             }
+            "--listen-fd" => {
+                let fd = value("--listen-fd")?;
+                let fd = fd.parse().map_err(|_| AgentError::Usage(format!("--listen-fd {fd}: not an fd number")))?;
+                listen = Some(Listen::Inherited(fd));
+            }
             "--init" => init = true,
             other => return Err(AgentError::Usage(format!("unknown argument {other:?}"))),
         }
@@ -77,7 +84,7 @@ fn parse_args() -> Result<Options, AgentError> {
             init = true;
             Listen::Vsock(DEFAULT_VSOCK_PORT)
         }
-        None => return Err(AgentError::Usage("pass --unix PATH or --vsock PORT".into())),
+        None => return Err(AgentError::Usage("pass --unix PATH, --listen-fd FD or --vsock PORT".into())),
     };
     Ok(Options { listen, init })
 }
@@ -130,6 +137,12 @@ async fn serve(listen: Listen) -> Result<(), AgentError> {
             tracing::info!(socket = %path.display(), "agent ready");
             server.serve_with_incoming(UnixListenerStream::new(listener)).await?;
         }
+        Listen::Inherited(fd) => {
+            let listener = inherited_listener(fd)
+                .map_err(|source| AgentError::Listen { what: format!("inherited fd {fd}"), source })?;
+            tracing::info!(fd, "agent ready on an inherited socket");
+            server.serve_with_incoming(UnixListenerStream::new(listener)).await?;
+        }
         Listen::Vsock(port) => {
             let address = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
             let listener = tokio_vsock::VsockListener::bind(address)
@@ -139,4 +152,23 @@ async fn serve(listen: Listen) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// Takes over the listening unix socket at `fd`, checking that it is one.
+fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<UnixListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fstat on an fd number only reads its metadata.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the live, zeroed stat above.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket"));
+    }
+    // SAFETY: fd is an open socket handed to this process for it alone;
+    // nothing else in the agent owns it. Marked close-on-exec so that no
+    // child inherits it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // SAFETY: fcntl on the fd now owned by `listener`.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }

@@ -33,6 +33,35 @@ const CHUNK: usize = 64 * 1024;
 const DRAIN_GRACE: Duration = Duration::from_millis(250);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const HOME: &str = "/home/user";
+/// Uid and gid of the sandbox user.
+const USER_ID: u32 = 1000;
+
+/// Who a process runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunAs {
+    /// The sandbox user (uid 1000): the default.
+    User,
+    /// Root of the sandbox.
+    Root,
+}
+
+impl RunAs {
+    pub fn parse(user: &str) -> Result<Self, Status> {
+        match user {
+            "" | "user" => Ok(RunAs::User),
+            "root" => Ok(RunAs::Root),
+            other => Err(Status::invalid_argument(format!(
+                "user '{other}' is unknown: use \"user\" (the default) or \"root\""
+            ))),
+        }
+    }
+
+    /// The uid and gid to switch to, when the agent can switch (it runs as root).
+    fn ids(self) -> Option<u32> {
+        // SAFETY: geteuid has no preconditions.
+        (self == RunAs::User && unsafe { libc::geteuid() } == 0).then_some(USER_ID)
+    }
+}
 
 pub type EventSender = mpsc::Sender<Result<ExecEvent, Status>>;
 
@@ -42,6 +71,7 @@ pub struct ProcessSpec {
     pub env: HashMap<String, String>,
     pub cwd: String,
     pub timeout: Option<Duration>,
+    pub run_as: RunAs,
 }
 
 impl ProcessSpec {
@@ -62,13 +92,21 @@ impl ProcessSpec {
             )));
         };
         let timeout = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
-        Ok(Self { argv: request.argv, env: request.env, cwd, timeout })
+        let run_as = RunAs::parse(&request.user)?;
+        Ok(Self { argv: request.argv, env: request.env, cwd, timeout, run_as })
     }
 
     fn command(&self, terminal: bool) -> Command {
         let mut command = Command::new(&self.argv[0]);
         command.args(&self.argv[1..]).env_clear().current_dir(&self.cwd);
-        command.env("PATH", DEFAULT_PATH).env("HOME", HOME).env("LANG", "C.UTF-8").env("USER", "root");
+        let (user, home) = match self.run_as {
+            RunAs::User => ("user", HOME),
+            RunAs::Root => ("root", "/root"),
+        };
+        command.env("PATH", DEFAULT_PATH).env("HOME", home).env("LANG", "C.UTF-8").env("USER", user);
+        if let Some(id) = self.run_as.ids() {
+            command.uid(id).gid(id);
+        }
         if terminal {
             command.env("TERM", "xterm-256color");
         }
@@ -150,6 +188,11 @@ pub fn spawn(reaper: &Reaper, spec: &ProcessSpec, options: SpawnOptions) -> Resu
     let master = match options.pty {
         Some((rows, cols)) => {
             let (master, slave) = pty::open(rows, cols).map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(id) = spec.run_as.ids() {
+                // The terminal belongs to whoever runs on it.
+                nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&slave), Some(id.into()), Some(id.into()))
+                    .map_err(|e| Status::internal(format!("cannot hand the terminal to the sandbox user: {e}")))?;
+            }
             let clone = |fd: &OwnedFd| fd.try_clone().map_err(|e| Status::internal(format!("cannot share the terminal: {e}")));
             command.stdin(clone(&slave)?).stdout(clone(&slave)?).stderr(slave);
             Some(Arc::new(master))

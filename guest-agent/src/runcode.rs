@@ -58,8 +58,9 @@ fn interpreter(language: i32) -> Result<Interpreter, Status> {
 
 pub async fn run(reaper: &Reaper, request: RunCodeRequest) -> Result<RunCodeResponse, Status> {
     let interpreter = interpreter(request.language)?;
+    let run_as = process::RunAs::parse(&request.user)?;
     let script = write_script(&interpreter, &request.code)?;
-    let result = run_script(reaper, &interpreter, script.path(), request.env, request.timeout_ms).await;
+    let result = run_script(reaper, &interpreter, script.path(), request.env, request.timeout_ms, run_as).await;
     drop(script);
     result
 }
@@ -99,6 +100,7 @@ async fn run_script(
     script: &Path,
     env: HashMap<String, String>,
     timeout_ms: u64,
+    run_as: process::RunAs,
 ) -> Result<RunCodeResponse, Status> {
     let spec = ProcessSpec {
         argv: std::iter::once(interpreter.program)
@@ -109,6 +111,7 @@ async fn run_script(
         env,
         cwd: if Path::new("/home/user").is_dir() { "/home/user".into() } else { "/".into() },
         timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
+        run_as,
     };
     let (result_read, result_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Status::internal(format!("cannot create the result pipe: {e}")))?;

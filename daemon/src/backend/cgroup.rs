@@ -29,7 +29,7 @@ pub enum CgroupError {
 }
 
 /// Which cgroup hierarchy the host uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CgroupFlavor {
     V1,
     V2,
@@ -72,36 +72,63 @@ fn create_dir(path: &Path) -> Result<(), CgroupError> {
 }
 
 /// One sandbox's cgroup: a directory per v1 controller, or one v2 directory.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
     flavor: CgroupFlavor,
     dirs: Vec<PathBuf>,
 }
 
 impl Cgroup {
-    /// Creates `sandboxd/<name>` and applies `limits`.
+    /// Creates `sandboxd/<name>` and applies `limits`. `name` may have
+    /// several levels (`group/sandbox`); on cgroup v2 the controllers are
+    /// enabled on the way down.
     pub fn create(flavor: CgroupFlavor, name: &str, limits: &Limits) -> Result<Self, CgroupError> {
-        let root = Path::new(CGROUP_ROOT);
-        let dirs: Vec<PathBuf> = match flavor {
-            CgroupFlavor::V1 => V1_CONTROLLERS.iter().map(|c| root.join(c).join(PARENT).join(name)).collect(),
-            CgroupFlavor::V2 => {
-                // Controllers must be enabled on the way down; a failure here
-                // shows up as a missing limit file below, with its path.
-                let _ = fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu");
-                create_dir(&root.join(PARENT))?;
-                let _ = fs::write(root.join(PARENT).join("cgroup.subtree_control"), "+memory +pids +cpu");
-                vec![root.join(PARENT).join(name)]
+        let cgroup = Self::at(flavor, name);
+        if flavor == CgroupFlavor::V2 {
+            // A failure here shows up as a missing limit file below, with its path.
+            let mut level = PathBuf::from(CGROUP_ROOT);
+            let _ = fs::write(level.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            for part in Path::new(PARENT).join(name).parent().into_iter().flat_map(Path::components) {
+                level.push(part);
+                create_dir(&level)?;
+                let _ = fs::write(level.join("cgroup.subtree_control"), "+memory +pids +cpu");
             }
-        };
-        for dir in &dirs {
+        }
+        for dir in &cgroup.dirs {
             create_dir(dir)?;
         }
-        let cgroup = Self { flavor, dirs };
         if let Err(error) = cgroup.set_limits(limits) {
             let _ = cgroup.remove();
             return Err(error);
         }
         Ok(cgroup)
+    }
+
+    /// The cgroup `sandboxd/<name>`, whether or not it exists.
+    fn at(flavor: CgroupFlavor, name: &str) -> Self {
+        let root = Path::new(CGROUP_ROOT);
+        let dirs = match flavor {
+            CgroupFlavor::V1 => V1_CONTROLLERS.iter().map(|c| root.join(c).join(PARENT).join(name)).collect(),
+            CgroupFlavor::V2 => vec![root.join(PARENT).join(name)],
+        };
+        Self { flavor, dirs }
+    }
+
+    /// The cgroups directly under `sandboxd/<group>` in any controller (for
+    /// reaping what an earlier run left).
+    pub fn children(flavor: CgroupFlavor, group: &str) -> Vec<Self> {
+        let mut names: Vec<String> = Self::at(flavor, group)
+            .dirs
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names.iter().map(|name| Self::at(flavor, &format!("{group}/{name}"))).collect()
     }
 
     fn controller(&self, name: &str) -> &Path {

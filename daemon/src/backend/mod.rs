@@ -149,6 +149,8 @@ pub enum SelectError {
 pub struct MicroVmOptions {
     /// What microVMs boot, when configured.
     pub images: Option<microvm::GuestImages>,
+    /// The root image jails mount read-only as `/` (the one microVMs boot).
+    pub rootfs_image: Option<PathBuf>,
     /// The shape of the default template's guest.
     pub default_limits: ResourceLimits,
     pub restore_memory: microvm::vmm_process::RestoreMemory,
@@ -164,17 +166,18 @@ pub async fn select(
     options: MicroVmOptions,
 ) -> Result<Arc<dyn Backend>, SelectError> {
     let host = sandbox_vmm::probe::probe_host();
+    let rootfs_image = options.rootfs_image.clone();
     let microvm = match (host.microvms, options.images) {
         (false, _) => Err(host.reason),
         (true, None) => Err("no guest kernel and root image are configured (--kernel, --rootfs-image)".to_string()),
         (true, Some(images)) => Ok(images),
     };
     match (choice, microvm) {
-        (BackendChoice::Jail, _) => jail_backend(state_dir, agent_binary),
+        (BackendChoice::Jail, _) => jail_backend(state_dir, agent_binary, rootfs_image),
         (BackendChoice::MicroVm, Err(reason)) => Err(SelectError::MicroVmUnavailable(reason)),
         (BackendChoice::Auto, Err(reason)) => {
             tracing::warn!("microVMs cannot run on this host ({reason}); using the jail backend");
-            jail_backend(state_dir, agent_binary)
+            jail_backend(state_dir, agent_binary, rootfs_image)
         }
         (BackendChoice::Auto | BackendChoice::MicroVm, Ok(images)) => {
             let backend = microvm::MicroVmBackend::new(state_dir.join("microvms"), images, options.restore_memory)
@@ -184,8 +187,8 @@ pub async fn select(
     }
 }
 
-fn jail_backend(state_dir: &Path, agent_binary: &Path) -> Result<Arc<dyn Backend>, SelectError> {
-    let backend = jail::JailBackend::new(state_dir.join("jails"), agent_binary.to_path_buf())
+fn jail_backend(state_dir: &Path, agent_binary: &Path, rootfs_image: Option<PathBuf>) -> Result<Arc<dyn Backend>, SelectError> {
+    let backend = jail::JailBackend::new(state_dir, agent_binary.to_path_buf(), rootfs_image)
         .map_err(|error| SelectError::JailUnavailable(error.to_string()))?;
     Ok(Arc::new(backend))
 }

@@ -1,12 +1,21 @@
-//! The jail backend: each sandbox is a [`Jail`] (namespaces, pivot_root,
-//! cgroup, seccomp) whose PID 1 is the guest agent on a unix socket.
+//! The jail backend: each sandbox is a [`Jail`] whose PID 1 is the guest
+//! agent, serving on a socket the daemon created and handed in. The
+//! template's root image is mounted read-only once on the host, in the
+//! daemon's private state directory, and bound into every jail as `/`.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
+use nix::mount::{umount2, MntFlags, MsFlags};
 use sandbox_proto::agent::agent_client::AgentClient;
+use sha2::Digest;
 use tonic::transport::Channel;
 
-use super::{host_support, Jail, JailError, JailLimits, JailSpec};
+use super::{host_support, loopdev, private_dir, reap_leftovers, IdLeases, Jail, JailError, JailLimits, JailSpec};
 use crate::backend::{Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits};
 use crate::agent_client::{self, AgentAddress};
 
@@ -14,14 +23,18 @@ use crate::agent_client::{self, AgentAddress};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct JailBackend {
-    state_root: PathBuf,
+    jails_dir: PathBuf,
+    image: PathBuf,
     agent_binary: PathBuf,
     launcher: PathBuf,
+    cgroup_group: String,
+    ids: IdLeases,
 }
 
 impl JailBackend {
-    /// Checks that the host can run jails (cgroups, the agent binary).
-    pub fn new(state_root: PathBuf, agent_binary: PathBuf) -> Result<Self, JailError> {
+    /// Checks that the host can run jails, reaps what an earlier run of
+    /// this daemon left, and mounts the root image read-only.
+    pub fn new(state_dir: &Path, agent_binary: PathBuf, rootfs_image: Option<PathBuf>) -> Result<Self, JailError> {
         let flavor = host_support()?;
         if !agent_binary.is_file() {
             return Err(JailError::Setup(format!(
@@ -29,11 +42,46 @@ impl JailBackend {
                 agent_binary.display()
             )));
         }
+        let rootfs_image = rootfs_image.ok_or_else(|| JailError::Setup(
+            "jails need a root image and never use the host's: pass --rootfs-image (scripts/guest-image.sh builds one)".into(),
+        ))?;
         let launcher = std::env::current_exe()
             .map_err(|e| JailError::Setup(format!("cannot find the sandboxd binary to launch jails: {e}")))?;
-        tracing::info!(cgroups = ?flavor, "jail backend: namespaces, pivot_root, cgroups and seccomp per sandbox");
-        Ok(Self { state_root, agent_binary, launcher })
+        let jails_dir = state_dir.join("jails");
+        private_dir(&jails_dir)?;
+        let cgroup_group = format!("jails-{}", daemon_scope(state_dir));
+        let (cgroups, dirs) = reap_leftovers(flavor, &cgroup_group, &jails_dir);
+        if cgroups + dirs > 0 {
+            tracing::warn!(cgroups, dirs, "removed jails an earlier run of this daemon left behind");
+        }
+        let image = state_dir.join("images").join("jail-root");
+        mount_image(&rootfs_image, &image)?;
+        tracing::info!(cgroups = ?flavor, image = %rootfs_image.display(), "jail backend: user, mount, pid, network, ipc, uts and cgroup namespaces, a disk and a cgroup per sandbox, seccomp allow-list");
+        Ok(Self { jails_dir, image, agent_binary, launcher, cgroup_group, ids: IdLeases::default() })
     }
+}
+
+/// A short name for this daemon's state directory, so that daemons with
+/// different state directories never reap each other's jails.
+fn daemon_scope(state_dir: &Path) -> String {
+    let canonical = fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    digest.iter().take(6).map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Mounts `image` (ext4) read-only at `target`, replacing an earlier
+/// run's mount there.
+fn mount_image(image: &Path, target: &Path) -> Result<(), JailError> {
+    if let Some(parent) = target.parent() {
+        private_dir(parent)?;
+    }
+    let _ = umount2(target, MntFlags::MNT_DETACH);
+    fs::create_dir_all(target).map_err(|source| JailError::StateDir { path: target.to_path_buf(), source })?;
+    let device = loopdev::attach(image, true).map_err(|e| JailError::Setup(e.to_string()))?;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    nix::mount::mount(Some(device.path()), target, Some("ext4"), flags, None::<&str>).map_err(|e| {
+        JailError::Setup(format!("cannot mount the root image {} at {}: {e}; is it an ext4 image from scripts/guest-image.sh?", image.display(), target.display()))
+    })
 }
 
 fn jail_limits(limits: ResourceLimits) -> JailLimits {
@@ -55,28 +103,37 @@ impl Backend for JailBackend {
     }
 
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
+        let ids = self.ids.lease().map_err(|error| BackendError::Launch(error.to_string()))?;
         let jail_spec = JailSpec {
-            state_dir: self.state_root.join(&spec.id),
+            state_dir: self.jails_dir.join(&spec.id),
             id: spec.id,
             launcher: self.launcher.clone(),
             agent_binary: self.agent_binary.clone(),
-            rootfs: spec.rootfs,
+            image: spec.rootfs.unwrap_or_else(|| self.image.clone()),
             limits: jail_limits(spec.limits),
+            disk_mib: spec.limits.disk_mib,
+            cgroup_group: self.cgroup_group.clone(),
             command: None,
         };
-        let jail = blocking(move || Jail::spawn(jail_spec))
+        let jail = blocking(move || Jail::spawn(jail_spec, ids))
             .await
             .map_err(|error| BackendError::Launch(error.to_string()))?;
         let jail = Arc::new(jail);
         match agent_client::wait_for_hello(AgentAddress::Unix(jail.agent_socket()), HELLO_TIMEOUT).await {
             Ok(agent) => Ok(Box::new(JailInstance { jail, agent })),
             Err(error) => {
-                let log = jail.log();
+                let console = console_tail(&jail).await;
                 let _ = destroy(jail).await;
-                Err(BackendError::AgentTimeout(HELLO_TIMEOUT, format!("{error}; jail log: {}", log.trim())))
+                Err(BackendError::AgentTimeout(HELLO_TIMEOUT, format!("{error}; jail console: {}", console.trim())))
             }
         }
     }
+}
+
+/// The jail's console tail, read off the async runtime.
+async fn console_tail(jail: &Arc<Jail>) -> String {
+    let jail = Arc::clone(jail);
+    tokio::task::spawn_blocking(move || jail.console_tail()).await.unwrap_or_default()
 }
 
 struct JailInstance {
@@ -114,7 +171,8 @@ impl Instance for JailInstance {
     }
 
     fn diagnostics(&self) -> String {
-        format!("jail log: {}", crate::backend::last_lines(&self.jail.log(), 3))
+        // A bounded read (a few KiB) of a file only the launcher writes.
+        format!("jail console: {}", crate::backend::last_lines(&self.jail.console_tail(), 3))
     }
 
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {

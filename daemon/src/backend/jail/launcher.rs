@@ -1,43 +1,66 @@
-//! `sandboxd jail-exec`: the single-threaded launcher of one jail. It
-//! joins the jail's cgroup, unshares the mount, pid, network, ipc and uts
-//! namespaces, and forks the jail's PID 1, which builds the root, drops
-//! capabilities, installs seccomp and executes the agent. The launcher
-//! stays outside as the jail's parent and exits with its status. Its stdin
-//! is a lifeline pipe from the daemon: when the daemon closes it (or dies),
-//! the launcher kills the jail.
+//! `sandboxd jail-exec`: the single-threaded launcher of one jail.
+//!
+//! The launcher unshares the pid namespace and forks the jail's PID 1.
+//! That child unshares the mount, network, ipc and uts namespaces, joins
+//! the jail's cgroup and a cgroup namespace, builds the root (still as the host's root, so it can
+//! mount the sandbox's disk), and only then enters a new **user
+//! namespace**, whose root the launcher maps to the sandbox's own range of
+//! host ids. Every other namespace and mount belongs to the host's user
+//! namespace, so root inside the jail holds no privilege over its mounts,
+//! network, hostname or kernel knobs. The child then drops capabilities,
+//! closes every fd but the agent's listening socket (fd 3), sets
+//! no_new_privs, installs the seccomp allow-list and executes the agent.
+//!
+//! The launcher stays outside the jail's cgroup (a frozen jail never
+//! freezes its supervisor), drains the jail's console pipe into a capped
+//! file, and watches its stdin, a lifeline pipe from the daemon: when the
+//! daemon closes it (or dies), the launcher kills the jail, thaws it so
+//! that the kill lands, and exits.
 
 use std::{
     convert::Infallible,
     ffi::CString,
-    os::fd::{AsRawFd, OwnedFd},
+    fs::File,
+    io::{Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::PathBuf,
 };
 
 use nix::{
     sched::{unshare, CloneFlags},
     sys::wait::{waitpid, WaitStatus},
-    unistd::{execve, fork, sethostname, ForkResult},
+    unistd::{execve, fork, sethostname, ForkResult, Pid},
 };
 use serde::{Deserialize, Serialize};
 
-use super::{caps, mounts, seccomp};
+use super::{caps, console::{self, CappedLog}, mounts, seccomp};
+use crate::backend::cgroup::Cgroup;
 
 /// Environment variable carrying the [`LaunchConfig`] as JSON.
 pub const CONFIG_ENV: &str = "SANDBOXD_JAIL_CONFIG";
+/// The fd on which the agent's listening socket reaches the launcher and the agent.
+pub const AGENT_FD: RawFd = 3;
 /// Exit code of the launcher when setting up the jail failed.
 const SETUP_FAILED: i32 = 125;
+/// Ids mapped into each jail's user namespace.
+pub const ID_RANGE: u32 = 65_536;
 
 /// What the launcher needs, passed from the daemon.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LaunchConfig {
+    /// The template's root image, mounted read-only on the host.
+    pub image: PathBuf,
     pub root: PathBuf,
-    pub system: PathBuf,
-    pub tmp: PathBuf,
-    pub home: PathBuf,
-    pub run: PathBuf,
+    pub disk: PathBuf,
+    pub disk_mount: PathBuf,
     pub agent: PathBuf,
-    /// `cgroup.procs` files the launcher joins before anything else.
-    pub cgroup_procs: Vec<PathBuf>,
+    /// The capped console file the launcher writes.
+    pub console: PathBuf,
+    pub cgroup: Cgroup,
+    /// First host uid and gid of the jail's range; root inside maps to it.
+    pub id_base: u32,
+    /// Most open files of any process in the jail.
+    pub max_open_files: u64,
     /// The jail's PID 1 and its arguments, as seen inside the jail.
     pub command: Vec<String>,
 }
@@ -46,10 +69,12 @@ pub struct LaunchConfig {
 pub enum LaunchError {
     #[error("{CONFIG_ENV} is missing or malformed: {0}")]
     Config(String),
-    #[error("cannot join the cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("cannot join the jail's cgroup: {0}")]
+    Cgroup(std::io::Error),
     #[error("cannot {action}: {source}")]
     Sys { action: &'static str, source: nix::Error },
+    #[error("cannot map the jail's user namespace: {0}")]
+    IdMap(std::io::Error),
     #[error(transparent)]
     Mount(#[from] mounts::MountError),
     #[error(transparent)]
@@ -73,56 +98,111 @@ pub fn exec_main() -> ! {
     std::process::exit(code)
 }
 
+/// A pipe pair for one message between launcher and child.
+struct Signal {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Signal {
+    fn new() -> Result<Self, LaunchError> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("create a pipe"))?;
+        Ok(Self { read, write })
+    }
+
+    fn send(self) {
+        let _ = File::from(self.write).write_all(b"1");
+    }
+
+    /// Waits for the other side's message; false if it went away instead.
+    fn wait(self) -> bool {
+        drop(self.write);
+        let mut byte = [0u8; 1];
+        matches!(File::from(self.read).read(&mut byte), Ok(1))
+    }
+}
+
 fn run() -> Result<i32, LaunchError> {
     let config: LaunchConfig = serde_json::from_str(&std::env::var(CONFIG_ENV).unwrap_or_default())
         .map_err(|e| LaunchError::Config(e.to_string()))?;
-    for path in &config.cgroup_procs {
-        std::fs::write(path, std::process::id().to_string())
-            .map_err(|source| LaunchError::Cgroup { path: path.clone(), source })?;
-    }
-    let namespaces = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
-    unshare(namespaces).map_err(sys("unshare namespaces"))?;
+    let mut console = CappedLog::new(console::create(&config.console).map_err(|e| LaunchError::Config(e.to_string()))?);
+    let (console_read, console_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("create the console pipe"))?;
+    let (unshared, mapped) = (Signal::new()?, Signal::new()?);
+    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare the pid namespace"))?;
     // SAFETY: the launcher is single-threaded (jail-exec is dispatched
     // before any thread starts), so the child may run arbitrary code.
     match unsafe { fork() }.map_err(sys("fork the jail's init"))? {
         ForkResult::Child => {
-            let error = match become_init(&config) {
+            drop(console_read);
+            let error = match become_init(&config, console_write, unshared, mapped) {
                 Ok(never) => match never {},
                 Err(error) => error,
             };
             eprintln!("sandboxd jail-exec: {error}");
             std::process::exit(SETUP_FAILED)
         }
-        ForkResult::Parent { child } => supervise(child),
+        ForkResult::Parent { child } => {
+            drop(console_write);
+            if unshared.wait() {
+                if let Err(error) = map_ids(child, config.id_base) {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                    return Err(error);
+                }
+                mapped.send();
+            }
+            supervise(child, &config.cgroup, console_read, &mut console)
+        }
     }
 }
 
-/// Waits for the jail's init to exit, killing it if the lifeline on stdin
-/// closes first. Returns the exit code (128 + signal when killed).
-fn supervise(child: nix::unistd::Pid) -> Result<i32, LaunchError> {
+/// Maps root..ID_RANGE inside the child's user namespace to the jail's
+/// range of host ids.
+fn map_ids(child: Pid, base: u32) -> Result<(), LaunchError> {
+    let map = format!("0 {base} {ID_RANGE}\n");
+    for file in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{child}/{file}"), &map).map_err(LaunchError::IdMap)?;
+    }
+    Ok(())
+}
+
+/// Drains the console until the jail's init exits, killing the jail if
+/// the lifeline on stdin closes first. Returns the exit code (128 + signal
+/// when killed).
+fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, console: &mut CappedLog) -> Result<i32, LaunchError> {
     // SAFETY: pidfd_open with a pid we forked and have not reaped.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as libc::c_int;
     if pidfd < 0 {
         return Err(sys("watch the jail's init")(nix::Error::last()));
     }
+    // SAFETY: pidfd is a fresh fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let mut output = File::from(console_read);
     let mut watched = [
         libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: output.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
-    while watched[1].revents == 0 {
-        // SAFETY: poll reads and writes the two pollfds of a live array.
-        if unsafe { libc::poll(watched.as_mut_ptr(), 2, -1) } < 0 && nix::Error::last() != nix::Error::EINTR {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: poll reads and writes the pollfds of a live array.
+        if unsafe { libc::poll(watched.as_mut_ptr(), watched.len() as libc::nfds_t, -1) } < 0 && nix::Error::last() != nix::Error::EINTR {
             return Err(sys("watch the jail's init")(nix::Error::last()));
         }
         if watched[0].revents != 0 {
-            // The daemon let go: nothing may outlive it.
+            // The daemon let go: nothing may outlive it. A frozen jail only
+            // dies once thawed.
             let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = cgroup.thaw();
             watched[0].fd = -1;
-            watched[0].revents = 0;
+        }
+        if watched[1].revents != 0 {
+            match output.read(&mut buffer) {
+                Ok(0) | Err(_) => watched[1].fd = -1,
+                Ok(n) => console.write(&buffer[..n]),
+            }
+        }
+        if watched[2].revents != 0 {
+            break;
         }
     }
     loop {
@@ -142,30 +222,92 @@ fn die_with_parent() {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
 }
 
-/// Runs as PID 1 of the new namespaces: builds the jail and executes its command.
-fn become_init(config: &LaunchConfig) -> Result<Infallible, LaunchError> {
+/// Runs as PID 1 of the new namespaces: builds the jail, becomes root of
+/// its own user namespace, and executes its command.
+fn become_init(config: &LaunchConfig, console: OwnedFd, unshared: Signal, mapped: Signal) -> Result<Infallible, LaunchError> {
     die_with_parent();
+    // The mount namespace is the child's alone: pivoting must not move the
+    // launcher's root.
+    let namespaces = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    unshare(namespaces).map_err(sys("unshare namespaces"))?;
+    for procs in config.cgroup.procs_files() {
+        std::fs::write(&procs, "0").map_err(LaunchError::Cgroup)?;
+    }
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(sys("unshare the cgroup namespace"))?;
     mounts::build_root(&mounts::RootLayout {
+        image: &config.image,
         root: &config.root,
-        system: &config.system,
-        tmp: &config.tmp,
-        home: &config.home,
-        run: &config.run,
+        disk: &config.disk,
+        disk_mount: &config.disk_mount,
         agent: &config.agent,
+        id_base: config.id_base,
     })?;
     sethostname("sandbox").map_err(sys("set the hostname"))?;
     bring_up_loopback().map_err(LaunchError::Loopback)?;
+    redirect_stdio(console)?;
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(sys("unshare the user namespace"))?;
+    unshared.send();
+    if !mapped.wait() {
+        return Err(LaunchError::IdMap(std::io::Error::other("the launcher went away before mapping ids")));
+    }
+    become_root_of_namespace()?;
+    limit_open_files(config.max_open_files)?;
     caps::drop_all_but_kept()?;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(sys("set no_new_privs")(nix::Error::last()));
     }
+    close_inherited_fds();
     seccomp::install()?;
     let argv: Vec<CString> = config.command.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>()
         .map_err(|e| LaunchError::Config(e.to_string()))?;
-    let env = [c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", c"HOME=/home/user", c"LANG=C.UTF-8"];
+    let env = [c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", c"HOME=/root", c"LANG=C.UTF-8"];
     let program = argv.first().ok_or_else(|| LaunchError::Config("the command is empty".into()))?;
     execve(program, &argv, &env).map_err(sys("execute the jail's init"))
+}
+
+/// stdin from /dev/null, stdout and stderr into the console pipe.
+fn redirect_stdio(console: OwnedFd) -> Result<(), LaunchError> {
+    let null = File::open("/dev/null").map_err(|e| LaunchError::Config(format!("cannot open /dev/null: {e}")))?;
+    for (from, to) in [(null.as_raw_fd(), 0), (console.as_raw_fd(), 1), (console.as_raw_fd(), 2)] {
+        // SAFETY: dup2 onto the standard fds of this single-threaded process.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(sys("redirect the jail's standard fds")(nix::Error::last()));
+        }
+    }
+    Ok(())
+}
+
+/// Takes uid and gid 0 of the new user namespace (the jail's first host id).
+fn become_root_of_namespace() -> Result<(), LaunchError> {
+    nix::unistd::setgroups(&[]).map_err(sys("drop supplementary groups"))?;
+    let root_gid = nix::unistd::Gid::from_raw(0);
+    let root_uid = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setresgid(root_gid, root_gid, root_gid).map_err(sys("become gid 0 of the jail"))?;
+    nix::unistd::setresuid(root_uid, root_uid, root_uid).map_err(sys("become uid 0 of the jail"))
+}
+
+fn limit_open_files(max: u64) -> Result<(), LaunchError> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(sys("read the open files limit")(nix::Error::last()));
+        }
+        limit.rlim_max = limit.rlim_max.min(max);
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(sys("limit open files")(nix::Error::last()));
+        }
+    }
+    Ok(())
+}
+
+/// Closes everything but the standard fds and the agent's socket.
+fn close_inherited_fds() {
+    // SAFETY: close_range on fds this process no longer needs; the
+    // agent's socket (fd 3) and the standard fds stay open.
+    unsafe { libc::syscall(libc::SYS_close_range, AGENT_FD as libc::c_uint + 1, libc::c_uint::MAX, 0) };
 }
 
 /// Sets IFF_UP on `lo`, the only interface of the new network namespace.
@@ -176,7 +318,7 @@ fn bring_up_loopback() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh socket that nothing else owns.
-    let socket = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
