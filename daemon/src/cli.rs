@@ -6,13 +6,15 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    auth::ApiKeys,
+    admission::{HostFacts, Quotas},
+    auth::KeyList,
     backend::{
         microvm::{vmm_process::RestoreMemory, GuestImages},
         BackendChoice, ResourceLimits,
     },
     manager::Policy,
     pool::PoolConfig,
+    connections::ConnectionLimits,
     server::ServeConfig,
 };
 
@@ -66,7 +68,8 @@ pub struct TemplateBuildArgs {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TCP address of the gRPC API. Without SANDBOXD_API_KEYS it must be loopback.
+    /// TCP address of the gRPC API. Every call but health checks needs an API key:
+    /// one of SANDBOXD_API_KEYS or, without it, the admin key in STATE_DIR/api-key.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Unix socket of the gRPC API [default: STATE_DIR/sandboxd.sock].
@@ -119,8 +122,37 @@ pub struct ServeArgs {
     pub default_ttl_seconds: u64,
     #[arg(long, default_value_t = 86_400)]
     pub max_ttl_seconds: u64,
+    /// Most sandboxes of the whole daemon (running, paused or being created).
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: usize,
+    /// Most sandboxes of one API key [default: half of --max-sandboxes].
+    #[arg(long)]
+    pub key_max_sandboxes: Option<usize>,
+    /// Most memory (sum of limits, MiB) of one API key's sandboxes [default: half of --host-memory-budget-mib].
+    #[arg(long)]
+    pub key_max_memory_mib: Option<u64>,
+    /// Most vCPUs (sum of limits) of one API key's sandboxes [default: --key-max-sandboxes, at least the host's CPUs].
+    #[arg(long)]
+    pub key_max_vcpus: Option<u64>,
+    /// Largest memory limit of one sandbox, in MiB [default: half of the host's memory].
+    #[arg(long)]
+    pub max_memory_mib: Option<u32>,
+    /// Largest max_processes of one sandbox [default: pid_max / 8, at most 32768].
+    #[arg(long)]
+    pub max_processes: Option<u32>,
+    /// Most memory, in MiB, that all sandboxes' limits may add up to [default: 7/8 of the host's memory].
+    #[arg(long)]
+    pub host_memory_budget_mib: Option<u64>,
+    /// Most processes that all sandboxes' max_processes may add up to [default: half of the kernel's pid_max].
+    #[arg(long)]
+    pub host_pids_budget: Option<u64>,
+    /// Most open API connections (TCP and unix socket together); when full, the oldest
+    /// connection that has not yet sent its HTTP/2 preface is closed to make room.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a new API connection has to send its HTTP/2 preface.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout_seconds: u64,
     /// Guest kernel (vmlinux) for the microvm backend (from kernel-config/build.sh).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -138,7 +170,9 @@ fn parse_template(value: &str) -> Result<(String, PathBuf), String> {
 
 impl ServeArgs {
     /// Builds the configuration; `api_keys` comes from SANDBOXD_API_KEYS.
-    pub fn into_config(self, api_keys: ApiKeys) -> Result<ServeConfig, String> {
+    pub fn into_config(self, api_keys: KeyList) -> Result<ServeConfig, String> {
+        let host = HostFacts::probe().map_err(|e| e.to_string())?;
+        let (quotas, per_sandbox) = self.quotas(&host)?;
         let metrics_listen = match self.metrics_listen.as_str() {
             "off" => None,
             addr => Some(addr.parse().map_err(|e| format!("--metrics-listen {addr}: {e}"))?),
@@ -151,12 +185,12 @@ impl ServeArgs {
         };
         let mut templates: BTreeMap<String, Option<PathBuf>> = BTreeMap::from([("default".to_string(), None)]);
         templates.extend(self.templates.into_iter().map(|(name, dir)| (name, Some(dir))));
-        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         Ok(ServeConfig {
             listen: self.listen,
             unix_socket: self.unix_socket.unwrap_or_else(|| self.state_dir.join("sandboxd.sock")),
             metrics_listen,
             backend: self.backend,
+            rootfs_image: self.rootfs_image.clone(),
             guest_images: self.kernel.zip(self.rootfs_image).map(|(kernel, rootfs)| GuestImages { kernel, rootfs }),
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
             state_dir: self.state_dir,
@@ -168,6 +202,10 @@ impl ServeArgs {
                 memory_budget_bytes: self.pool_memory_budget_mib << 20,
             },
             restore_memory: self.restore_memory,
+            connections: ConnectionLimits {
+                max_connections: self.max_connections.max(1),
+                handshake_timeout: Duration::from_secs(self.handshake_timeout_seconds.max(1)),
+            },
             policy: Policy {
                 default_limits: ResourceLimits {
                     memory_mib: self.default_memory_mib,
@@ -177,13 +215,59 @@ impl ServeArgs {
                 },
                 default_ttl: Duration::from_secs(self.default_ttl_seconds),
                 max_ttl: Duration::from_secs(self.max_ttl_seconds),
-                max_memory_mib: 16 * 1024,
-                max_vcpus: host_cpus,
-                max_processes: 32_768,
+                max_memory_mib: per_sandbox.memory_mib,
+                max_vcpus: host.cpus,
+                max_processes: per_sandbox.max_processes,
                 max_disk_mib: self.max_disk_mib,
-                max_sandboxes: self.max_sandboxes,
+                quotas,
+                host,
             },
             api_keys,
         })
+    }
+}
+
+/// The largest limits one sandbox may ask for.
+struct SandboxBounds {
+    memory_mib: u32,
+    max_processes: u32,
+}
+
+impl ServeArgs {
+    /// The admission caps, with defaults derived from the host, and the
+    /// per-sandbox bounds; refuses settings beyond what the host has.
+    fn quotas(&self, host: &HostFacts) -> Result<(Quotas, SandboxBounds), String> {
+        let host_memory_budget_mib = self.host_memory_budget_mib.unwrap_or(host.memory_mib / 8 * 7);
+        if host_memory_budget_mib > host.memory_mib {
+            return Err(format!("--host-memory-budget-mib {host_memory_budget_mib} is more than this host's {} MiB of memory: lower it", host.memory_mib));
+        }
+        let host_pids_budget = self.host_pids_budget.unwrap_or(host.pid_max / 2);
+        if host_pids_budget >= host.pid_max {
+            return Err(format!("--host-pids-budget {host_pids_budget} must stay below the kernel's pid_max ({}): lower it", host.pid_max));
+        }
+        let memory_mib = self.max_memory_mib.unwrap_or((host.memory_mib / 2).min(u64::from(u32::MAX)) as u32);
+        if u64::from(memory_mib) > host_memory_budget_mib {
+            return Err(format!("--max-memory-mib {memory_mib} is more than the host memory budget of {host_memory_budget_mib} MiB: lower it"));
+        }
+        let max_processes = self.max_processes.unwrap_or((host.pid_max / 8).min(32_768) as u32);
+        if u64::from(max_processes) > host_pids_budget {
+            return Err(format!("--max-processes {max_processes} is more than the host pids budget of {host_pids_budget}: lower it"));
+        }
+        if self.default_memory_mib > memory_mib || self.default_max_processes > max_processes {
+            return Err(format!(
+                "the default limits ({} MiB, {} processes) exceed what one sandbox may have on this host ({memory_mib} MiB, {max_processes} processes): lower --default-memory-mib or --default-max-processes",
+                self.default_memory_mib, self.default_max_processes
+            ));
+        }
+        let key_max_sandboxes = self.key_max_sandboxes.unwrap_or(self.max_sandboxes.div_ceil(2)).max(1);
+        let quotas = Quotas {
+            max_sandboxes: self.max_sandboxes,
+            key_max_sandboxes,
+            key_max_memory_mib: self.key_max_memory_mib.unwrap_or(host_memory_budget_mib / 2),
+            key_max_vcpus: self.key_max_vcpus.unwrap_or((key_max_sandboxes as u64).max(host.cpus.into())),
+            host_memory_budget_mib,
+            host_pids_budget,
+        };
+        Ok((quotas, SandboxBounds { memory_mib, max_processes }))
     }
 }

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use sandboxd::{
-    auth::ApiKeys,
+    auth::KeyList,
     cli::{Cli, Command, TemplateBuildArgs, TemplateCommand},
     server,
 };
@@ -24,7 +24,11 @@ fn main() -> std::process::ExitCode {
         Command::Vmm { config } => return run_vmm(&config),
         Command::Template(TemplateCommand::Build(args)) => return build_template(args),
     };
-    let keys = ApiKeys::from_list(&std::env::var("SANDBOXD_API_KEYS").unwrap_or_default());
+    if let Err(error) = sandboxd::backend::jail::enter_private_mount_namespace() {
+        tracing::error!("{error}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let keys = KeyList::parse(&std::env::var("SANDBOXD_API_KEYS").unwrap_or_default());
     let config = match args.into_config(keys) {
         Ok(config) => config,
         Err(message) => {

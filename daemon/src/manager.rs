@@ -1,6 +1,9 @@
 //! The domain core: creates, finds, pauses and deletes sandboxes, enforces
-//! ownership by API key and lifetimes, and hands out agent clients. The gRPC
-//! services are thin wrappers over this.
+//! ownership by API key and lifetimes, and hands out agent clients. Every
+//! Create is admitted first (see [`crate::admission`]); a sandbox whose
+//! guest died is reported STOPPED with the reason, and its share of the
+//! quotas is given back at once. The gRPC services are thin wrappers over
+//! this.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,6 +19,7 @@ use sandbox_proto::{
 use tonic::transport::Channel;
 
 use crate::{
+    admission::{Admission, AdmissionError, HostFacts, Quotas, Reservation},
     auth::Caller,
     backend::{Backend, BackendError, Instance, LaunchSpec, ResourceLimits},
     ids, metrics,
@@ -28,12 +32,20 @@ pub struct Policy {
     pub default_limits: ResourceLimits,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
+    /// Bounds of one sandbox's limits (within what the host has).
     pub max_memory_mib: u32,
     pub max_vcpus: u32,
     pub max_processes: u32,
     pub max_disk_mib: u32,
-    pub max_sandboxes: usize,
+    /// Caps on all sandboxes together, per key and per host.
+    pub quotas: Quotas,
+    pub host: HostFacts,
 }
+
+/// Longest stop reason kept (its tail), in bytes.
+const MAX_STOP_REASON: usize = 4096;
+/// How long reading a dead guest's diagnostics may take.
+const DIAGNOSTICS_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -49,22 +61,24 @@ pub enum SandboxError {
     Stopped { id: String, detail: String },
     #[error("{0}")]
     InvalidLimits(String),
-    #[error("the daemon already runs {0} sandboxes, its maximum: delete unused sandboxes first")]
-    TooMany(usize),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum RunState {
     Running,
     Paused,
+    /// The guest died; why, from its last words.
+    Stopped(String),
 }
 
-/// One live sandbox.
+/// One sandbox.
 struct Sandbox {
     id: String,
-    owner: Option<String>,
+    owner: String,
     template: String,
     limits: ResourceLimits,
     ttl: Duration,
@@ -73,15 +87,22 @@ struct Sandbox {
     created_at: SystemTime,
     state: Mutex<RunState>,
     instance: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
+    /// Its share of the quotas, until it is deleted or stops.
+    reservation: Mutex<Option<Reservation>>,
 }
 
 impl Sandbox {
     fn run_state(&self) -> RunState {
-        *self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     fn set_run_state(&self, state: RunState) {
         *self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+    }
+
+    /// Gives the sandbox's share of the quotas back.
+    fn release(&self) {
+        drop(self.reservation.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
     }
 
     fn expires_at(&self) -> SystemTime {
@@ -89,9 +110,10 @@ impl Sandbox {
     }
 
     fn to_proto(&self, backend: &str) -> api::Sandbox {
-        let state = match self.run_state() {
-            RunState::Running => api::SandboxState::Running,
-            RunState::Paused => api::SandboxState::Paused,
+        let (state, stopped_reason) = match self.run_state() {
+            RunState::Running => (api::SandboxState::Running, String::new()),
+            RunState::Paused => (api::SandboxState::Paused, String::new()),
+            RunState::Stopped(reason) => (api::SandboxState::Stopped, reason),
         };
         api::Sandbox {
             id: self.id.clone(),
@@ -108,7 +130,7 @@ impl Sandbox {
             created_at_unix_ms: unix_ms(self.created_at),
             expires_at_unix_ms: unix_ms(self.expires_at()),
             backend: backend.to_string(),
-            stopped_reason: String::new(),
+            stopped_reason,
         }
     }
 }
@@ -134,6 +156,7 @@ pub struct SandboxManager {
     templates: BTreeMap<String, Option<PathBuf>>,
     pools: HashMap<String, Arc<WarmPool>>,
     policy: Policy,
+    admission: Arc<Admission>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
 }
 
@@ -158,7 +181,8 @@ impl SandboxManager {
                 })
                 .collect()
         };
-        Arc::new(Self { backend, templates, pools, policy, sandboxes: Mutex::new(HashMap::new()) })
+        let admission = Admission::new(policy.quotas);
+        Arc::new(Self { backend, templates, pools, policy, admission, sandboxes: Mutex::new(HashMap::new()) })
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -173,9 +197,8 @@ impl SandboxManager {
             name: template.clone(),
         })?;
         let (limits, ttl) = self.resolve_limits(request.limits.unwrap_or_default())?;
-        if self.lock().len() >= self.policy.max_sandboxes {
-            return Err(SandboxError::TooMany(self.policy.max_sandboxes));
-        }
+        // Held from here on; dropped (given back) if the launch fails.
+        let reservation = self.admission.reserve(&caller.key_id, limits)?;
         let (id, instance, source) = self.obtain_guest(&template, rootfs, limits).await?;
         if let Err(error) = refresh_guest(instance.agent()).await {
             let _ = instance.destroy().await;
@@ -192,14 +215,10 @@ impl SandboxManager {
             created_at: SystemTime::now(),
             state: Mutex::new(RunState::Running),
             instance: tokio::sync::Mutex::new(Some(instance)),
+            reservation: Mutex::new(Some(reservation)),
         });
         let reply = sandbox.to_proto(self.backend_name());
-        let active = {
-            let mut sandboxes = self.lock();
-            sandboxes.insert(id, sandbox);
-            sandboxes.len()
-        };
-        ::metrics::gauge!(metrics::SANDBOXES_ACTIVE).set(active as f64);
+        self.lock().insert(id, sandbox);
         ::metrics::histogram!(metrics::CREATE_SECONDS, "source" => source).record(started.elapsed().as_secs_f64());
         Ok(reply)
     }
@@ -212,8 +231,10 @@ impl SandboxManager {
         rootfs: Option<PathBuf>,
         limits: ResourceLimits,
     ) -> Result<(String, Box<dyn Instance>, &'static str), SandboxError> {
-        let pool_shape = self.backend.resizes_guests()
-            || (limits.memory_mib, limits.vcpus) == (self.policy.default_limits.memory_mib, self.policy.default_limits.vcpus);
+        let defaults = self.policy.default_limits;
+        // A pooled guest's disk was made at the default size.
+        let pool_shape = limits.disk_mib == defaults.disk_mib
+            && (self.backend.resizes_guests() || (limits.memory_mib, limits.vcpus) == (defaults.memory_mib, defaults.vcpus));
         if let Some(pool) = self.pools.get(template).filter(|_| pool_shape) {
             if let Some(guest) = pool.take().await {
                 ::metrics::counter!(metrics::POOL_HITS).increment(1);
@@ -245,13 +266,14 @@ impl SandboxManager {
             0 => policy.default_ttl,
             seconds => Duration::from_secs(seconds.into()),
         };
+        let host = policy.host;
         let checks = [
             (limits.memory_mib < 16 || limits.memory_mib > policy.max_memory_mib,
-             format!("limits.memory_mib = {} is out of range: use 16..={}", limits.memory_mib, policy.max_memory_mib)),
+             format!("limits.memory_mib = {} is out of range: use 16..={} (--max-memory-mib; this host has {} MiB)", limits.memory_mib, policy.max_memory_mib, host.memory_mib)),
             (limits.vcpus > policy.max_vcpus,
-             format!("limits.vcpus = {} is out of range: use 1..={}", limits.vcpus, policy.max_vcpus)),
+             format!("limits.vcpus = {} is out of range: use 1..={} (this host has {} CPUs)", limits.vcpus, policy.max_vcpus, host.cpus)),
             (limits.max_processes < 8 || limits.max_processes > policy.max_processes,
-             format!("limits.max_processes = {} is out of range: use 8..={}", limits.max_processes, policy.max_processes)),
+             format!("limits.max_processes = {} is out of range: use 8..={} (--max-processes; the host's pid_max is {})", limits.max_processes, policy.max_processes, host.pid_max)),
             (limits.disk_mib < 16 || limits.disk_mib > policy.max_disk_mib,
              format!("limits.disk_mib = {} is out of range: use 16..={}", limits.disk_mib, policy.max_disk_mib)),
             (ttl > policy.max_ttl,
@@ -263,17 +285,19 @@ impl SandboxManager {
         }
     }
 
-    pub fn get(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
-        Ok(self.find(caller, id)?.to_proto(self.backend_name()))
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
+        let sandbox = self.find(caller, id)?;
+        notice_stop(&sandbox).await;
+        Ok(sandbox.to_proto(self.backend_name()))
     }
 
-    pub fn list(&self, caller: &Caller) -> Vec<api::Sandbox> {
-        let mut visible: Vec<_> = self
-            .lock()
-            .values()
-            .filter(|sandbox| sandbox.owner == caller.key_id)
-            .map(|sandbox| sandbox.to_proto(self.backend_name()))
-            .collect();
+    pub async fn list(&self, caller: &Caller) -> Vec<api::Sandbox> {
+        let owned: Vec<_> = self.lock().values().filter(|sandbox| sandbox.owner == caller.key_id).cloned().collect();
+        let mut visible = Vec::with_capacity(owned.len());
+        for sandbox in owned {
+            notice_stop(&sandbox).await;
+            visible.push(sandbox.to_proto(self.backend_name()));
+        }
         visible.sort_by(|a, b| a.created_at_unix_ms.cmp(&b.created_at_unix_ms).then(a.id.cmp(&b.id)));
         visible
     }
@@ -285,8 +309,9 @@ impl SandboxManager {
 
     pub async fn pause(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
         let sandbox = self.find(caller, id)?;
+        notice_stop(&sandbox).await;
         let instance = sandbox.instance.lock().await;
-        let instance = instance.as_ref().ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let instance = instance.as_ref().ok_or_else(|| stopped_or_gone(&sandbox))?;
         if sandbox.run_state() == RunState::Running {
             instance.suspend().await?;
             sandbox.set_run_state(RunState::Paused);
@@ -297,7 +322,7 @@ impl SandboxManager {
     pub async fn resume(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
         let sandbox = self.find(caller, id)?;
         let instance = sandbox.instance.lock().await;
-        let instance = instance.as_ref().ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let instance = instance.as_ref().ok_or_else(|| stopped_or_gone(&sandbox))?;
         if sandbox.run_state() != RunState::Paused {
             return Err(SandboxError::NotPaused(id.to_string()));
         }
@@ -316,14 +341,26 @@ impl SandboxManager {
     /// The agent of a running sandbox that `caller` owns.
     pub async fn agent(&self, caller: &Caller, id: &str) -> Result<AgentHandle, SandboxError> {
         let sandbox = self.find(caller, id)?;
-        if sandbox.run_state() == RunState::Paused {
-            return Err(SandboxError::Paused(id.to_string()));
+        notice_stop(&sandbox).await;
+        match sandbox.run_state() {
+            RunState::Paused => return Err(SandboxError::Paused(id.to_string())),
+            RunState::Stopped(detail) => return Err(SandboxError::Stopped { id: id.to_string(), detail }),
+            RunState::Running => {}
         }
         let instance = sandbox.instance.lock().await;
         match instance.as_ref() {
-            Some(instance) if instance.is_alive() => Ok(AgentHandle { agent: instance.agent(), env: sandbox.env.clone() }),
-            Some(instance) => Err(SandboxError::Stopped { id: id.to_string(), detail: instance.diagnostics() }),
-            None => Err(SandboxError::NotFound(id.to_string())),
+            Some(instance) => Ok(AgentHandle { agent: instance.agent(), env: sandbox.env.clone() }),
+            None => Err(stopped_or_gone(&sandbox)),
+        }
+    }
+
+    /// Marks every running sandbox whose guest died as stopped, and gives
+    /// its share of the quotas back (run periodically).
+    pub async fn sweep_stopped(&self) {
+        let running: Vec<_> =
+            self.lock().values().filter(|sandbox| sandbox.run_state() == RunState::Running).cloned().collect();
+        for sandbox in running {
+            notice_stop(&sandbox).await;
         }
     }
 
@@ -358,12 +395,8 @@ impl SandboxManager {
 
     async fn remove(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
         let instance = sandbox.instance.lock().await.take();
-        let active = {
-            let mut sandboxes = self.lock();
-            sandboxes.remove(&sandbox.id);
-            sandboxes.len()
-        };
-        ::metrics::gauge!(metrics::SANDBOXES_ACTIVE).set(active as f64);
+        self.lock().remove(&sandbox.id);
+        sandbox.release();
         match instance {
             Some(instance) => Ok(instance.destroy().await?),
             None => Ok(()),
@@ -380,6 +413,68 @@ impl SandboxManager {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
         self.sandboxes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// If `sandbox` is running but its guest died: records why, gives its
+/// share of the quotas back and destroys what is left of the guest in the
+/// background. A sandbox another call is working on is left to the next
+/// look.
+async fn notice_stop(sandbox: &Sandbox) {
+    if sandbox.run_state() != RunState::Running {
+        return;
+    }
+    let Ok(mut slot) = sandbox.instance.try_lock() else { return };
+    if slot.as_ref().is_none_or(|instance| instance.is_alive()) {
+        return;
+    }
+    let Some(instance) = slot.take() else { return };
+    sandbox.release();
+    let (instance, reason) = last_words(instance).await;
+    tracing::warn!(sandbox = %sandbox.id, %reason, "the sandbox's guest died; it is reported STOPPED");
+    sandbox.set_run_state(RunState::Stopped(reason));
+    drop(slot);
+    if let Some(instance) = instance {
+        let id = sandbox.id.clone();
+        tokio::spawn(async move {
+            if let Err(error) = instance.destroy().await {
+                tracing::warn!(%error, sandbox = %id, "cannot clean up a stopped sandbox");
+            }
+        });
+    }
+}
+
+/// A dead guest's diagnostics, read off the async runtime within
+/// [`DIAGNOSTICS_TIMEOUT`], as one bounded line of printable text. The
+/// instance comes back unless the read overran (it is then dropped by the
+/// blocking task once done).
+async fn last_words(instance: Box<dyn Instance>) -> (Option<Box<dyn Instance>>, String) {
+    let read = tokio::task::spawn_blocking(move || {
+        let text = instance.diagnostics();
+        (instance, text)
+    });
+    match tokio::time::timeout(DIAGNOSTICS_TIMEOUT, read).await {
+        Ok(Ok((instance, text))) => (Some(instance), printable_tail(&text, MAX_STOP_REASON)),
+        Ok(Err(_)) => (None, "its diagnostics could not be read".to_string()),
+        Err(_) => (None, format!("its diagnostics were not readable within {DIAGNOSTICS_TIMEOUT:?}")),
+    }
+}
+
+/// The last `max` bytes of `text` (on a character boundary), with control
+/// characters shown as spaces.
+fn printable_tail(text: &str, max: usize) -> String {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
+}
+
+/// The error for a sandbox whose guest is gone: stopped, or being deleted.
+fn stopped_or_gone(sandbox: &Sandbox) -> SandboxError {
+    match sandbox.run_state() {
+        RunState::Stopped(detail) => SandboxError::Stopped { id: sandbox.id.clone(), detail },
+        _ => SandboxError::NotFound(sandbox.id.clone()),
     }
 }
 

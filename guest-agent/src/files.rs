@@ -1,11 +1,13 @@
 //! File operations on the sandbox's file system. Transfers stream in
 //! chunks and never hold a whole file in memory; an upload is written to a
 //! temporary file beside its target and renamed into place only when the
-//! stream ends cleanly.
+//! stream ends cleanly. Both move regular files only: a device, FIFO or
+//! socket is refused before any byte moves (a download opens without
+//! blocking and checks what it opened).
 
 use std::{
     io::ErrorKind,
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Component, Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::UNIX_EPOCH,
@@ -132,15 +134,46 @@ pub async fn make_dir(path: &Path, parents: bool, mode: u32) -> Result<FileInfo,
     info(path).await
 }
 
+/// What a non-regular file is, for messages.
+fn kind_of(kind: std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Streams the file at `path` in chunks through a small channel, so only a
-/// few chunks are ever in memory.
+/// few chunks are ever in memory. Only a regular file is sent: the open
+/// does not block (a FIFO without a writer) nor take a terminal, and the
+/// type of what was opened is checked before reading.
 pub async fn download(path: &Path) -> Result<mpsc::Receiver<Result<FileChunk, Status>>, Status> {
-    let mut file = fs::File::open(path).await.map_err(|e| io_status(path, "download", e))?;
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .await
+        .map_err(|e| io_status(path, "download", e))?;
     let metadata = file.metadata().await.map_err(|e| io_status(path, "download", e))?;
     if metadata.is_dir() {
         return Err(Status::failed_precondition(format!(
             "cannot download {}: it is a directory; use List, then download files one by one",
             path.display()
+        )));
+    }
+    if !metadata.is_file() {
+        return Err(Status::failed_precondition(format!(
+            "cannot download {}: it is {}, and only regular files can be downloaded; read it with Exec instead",
+            path.display(),
+            kind_of(metadata.file_type())
         )));
     }
     let (tx, rx) = mpsc::channel(4);
@@ -177,6 +210,7 @@ pub async fn upload(mut stream: Streaming<UploadRequest>) -> Result<FileInfo, St
         }
     };
     let target = checked_path(&header.path)?;
+    refuse_special_target(&target).await?;
     let parent = target.parent().ok_or_else(|| Status::invalid_argument("cannot upload to /: name a file"))?;
     fs::create_dir_all(parent).await.map_err(|e| io_status(parent, "create directory", e))?;
     let staging = Staging::create(&target).await?;
@@ -202,6 +236,21 @@ pub async fn upload(mut stream: Streaming<UploadRequest>) -> Result<FileInfo, St
     info(&target).await
 }
 
+/// Refuses to replace anything but a regular file (a FIFO, device,
+/// socket, directory or symbolic link stays as it is).
+async fn refuse_special_target(target: &Path) -> Result<(), Status> {
+    match fs::symlink_metadata(target).await {
+        Ok(metadata) if !metadata.is_file() => Err(Status::failed_precondition(format!(
+            "cannot upload to {}: it is {}, and an upload only creates or replaces a regular file; remove it first or pick another path",
+            target.display(),
+            kind_of(metadata.file_type())
+        ))),
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(io_status(target, "upload", error)),
+    }
+}
+
 /// A temporary file beside the target; removed unless committed.
 struct Staging {
     temporary: PathBuf,
@@ -222,6 +271,7 @@ impl Staging {
         fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&self.temporary)
             .await
             .map_err(|e| io_status(&self.target, "upload", e))

@@ -2,8 +2,8 @@
 //! and leaves the daemon serving.
 
 use sandbox_proto::api::{
-    upload_request::Part, CreateSandboxRequest, ExecRequest, GetSandboxRequest, Limits, StatRequest,
-    UploadHeader, UploadRequest,
+    upload_request::Part, CreateSandboxRequest, DownloadRequest, ExecRequest, FileType, GetSandboxRequest, Limits,
+    StatRequest, UploadHeader, UploadRequest,
 };
 use sandboxd_tests::{Daemon, DaemonOptions};
 use tonic::Code;
@@ -57,6 +57,55 @@ async fn bad_requests_get_precise_errors() {
         let status = api.files.stat(StatRequest { sandbox_id: id.clone(), path: path.into() }).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "a rejected upload leaves no file at {path}");
     }
+    assert_eq!(api.sh(&id, "echo still serving").await, "still serving\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_exec_cannot_take_is_refused_at_the_api() {
+    let daemon = Daemon::start(DaemonOptions::default()).await;
+    let mut api = daemon.clients(None).await;
+    let id = api.create(None).await;
+    let exec = |argv: &[&str], env: &[(&str, &str)], cwd: &str| ExecRequest {
+        sandbox_id: id.clone(),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cwd: cwd.to_string(),
+        ..Default::default()
+    };
+    let nul_arg = api.exec_request(exec(&["echo", "a\0b"], &[], "")).await.unwrap_err();
+    assert_status(&nul_arg, Code::InvalidArgument, "argv[1] contains a NUL");
+    let nul_env = api.exec_request(exec(&["true"], &[("A", "x\0y")], "")).await.unwrap_err();
+    assert_status(&nul_env, Code::InvalidArgument, "NUL");
+    let bad_name = api.exec_request(exec(&["true"], &[("A=B", "x")], "")).await.unwrap_err();
+    assert_status(&bad_name, Code::InvalidArgument, "`=`");
+    let relative = api.exec_request(exec(&["true"], &[], "home/user")).await.unwrap_err();
+    assert_status(&relative, Code::InvalidArgument, "absolute");
+    let create_env = CreateSandboxRequest { env: [("K".to_string(), "\0".to_string())].into(), ..Default::default() };
+    assert_status(&api.sandboxes.create(create_env).await.unwrap_err(), Code::InvalidArgument, "NUL");
+    let absolute = api.exec_request(exec(&["pwd"], &[], "/tmp")).await.unwrap();
+    assert_eq!(absolute.stdout_text(), "/tmp\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_move_only_regular_files() {
+    let daemon = Daemon::start(DaemonOptions::default()).await;
+    let mut api = daemon.clients(None).await;
+    let id = api.create(None).await;
+    let download = |path: &str| DownloadRequest { sandbox_id: id.clone(), path: path.into() };
+    let zero = api.files.download(download("/dev/zero")).await.unwrap_err();
+    assert_status(&zero, Code::FailedPrecondition, "a device");
+
+    api.sh(&id, "mkfifo /tmp/fifo").await;
+    // A FIFO nobody writes to would block an open for reading: it is refused at once.
+    let fifo = api.files.download(download("/tmp/fifo")).await.unwrap_err();
+    assert_status(&fifo, Code::FailedPrecondition, "a FIFO");
+    let header = UploadRequest {
+        part: Some(Part::Header(UploadHeader { sandbox_id: id.clone(), path: "/tmp/fifo".into(), mode: 0 })),
+    };
+    let onto_fifo = upload(&mut api, vec![header, UploadRequest { part: Some(Part::Data(b"data".to_vec().into())) }]).await;
+    assert_status(&onto_fifo, Code::FailedPrecondition, "a FIFO");
+    let kept = api.files.stat(StatRequest { sandbox_id: id.clone(), path: "/tmp/fifo".into() }).await.unwrap().into_inner();
+    assert_eq!(kept.r#type, FileType::Other as i32, "the FIFO is left as it was");
     assert_eq!(api.sh(&id, "echo still serving").await, "still serving\n");
 }
 

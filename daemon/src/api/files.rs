@@ -27,7 +27,7 @@ impl Files for FilesService {
 
     async fn upload(&self, request: Request<Streaming<UploadRequest>>) -> Result<Response<FileInfo>, Status> {
         let started = Instant::now();
-        let caller = auth::caller(&request);
+        let caller = auth::caller(&request)?;
         let mut inbound = request.into_inner();
         let header = match inbound.message().await?.and_then(|m| m.part) {
             Some(Part::Header(header)) => header,
@@ -35,7 +35,7 @@ impl Files for FilesService {
                 let status = Status::invalid_argument(
                     "the first Upload message must be `header` (sandbox_id, path, mode); send data chunks after it",
                 );
-                return self.0.observe(&caller, "", "Upload", started, Err(status));
+                return self.0.observe(&caller, "", "Files.Upload", started, Err(status));
             }
         };
         let id = header.sandbox_id.clone();
@@ -49,32 +49,32 @@ impl Files for FilesService {
             }
         }
         .await;
-        self.0.observe(&caller, &id, "Upload", started, result.map(Response::into_inner)).map(Response::new)
+        self.0.observe(&caller, &id, "Files.Upload", started, result.map(Response::into_inner)).map(Response::new)
     }
 
     async fn download(&self, request: Request<DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
         let id = request.get_ref().sandbox_id.clone();
         let reply = self
             .0
-            .forward(request, "Download", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.download(r).await })
+            .forward(request, "Files.Download", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.download(r).await })
             .await?;
         Ok(Response::new(forwarded_stream(id, reply.into_inner())))
     }
 
     async fn stat(&self, request: Request<StatRequest>) -> Result<Response<FileInfo>, Status> {
-        self.0.forward(request, "Stat", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.stat(r).await }).await
+        self.0.forward(request, "Files.Stat", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.stat(r).await }).await
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        self.0.forward(request, "List", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.list(r).await }).await
+        self.0.forward(request, "Files.List", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.list(r).await }).await
     }
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
-        self.0.forward(request, "Remove", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.remove(r).await }).await
+        self.0.forward(request, "Files.Remove", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.remove(r).await }).await
     }
 
     async fn make_dir(&self, request: Request<MakeDirRequest>) -> Result<Response<FileInfo>, Status> {
-        self.0.forward(request, "MakeDir", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.make_dir(r).await }).await
+        self.0.forward(request, "Files.MakeDir", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.make_dir(r).await }).await
     }
 }
 

@@ -6,11 +6,19 @@ pub mod files;
 pub mod processes;
 pub mod sandboxes;
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
+use sandbox_proto::api::ExecRequest;
 use tonic::{Code, Status};
 
-use crate::{audit::AuditLog, auth::Caller, backend::BackendError, manager::SandboxError, manager::SandboxManager, metrics};
+use crate::{
+    admission::AdmissionError,
+    audit::{AuditLog, Entry},
+    auth::Caller,
+    backend::BackendError,
+    manager::{SandboxError, SandboxManager},
+    metrics,
+};
 
 /// Largest upload chunk, stdin or code accepted in one message.
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
@@ -38,7 +46,7 @@ impl ApiContext {
             Ok(_) => "ok".to_string(),
             Err(status) => format!("{:?}", status.code()),
         };
-        self.audit.record(caller.label(), sandbox, operation, &outcome);
+        self.audit.record(Entry { key_id: &caller.key_id, peer: &caller.peer, sandbox, operation, outcome: &outcome });
         ::metrics::counter!(metrics::RPC_TOTAL, "method" => operation, "code" => outcome).increment(1);
         ::metrics::histogram!(metrics::RPC_SECONDS, "method" => operation).record(started.elapsed().as_secs_f64());
         result
@@ -49,10 +57,10 @@ impl From<SandboxError> for Status {
     fn from(error: SandboxError) -> Self {
         let code = match &error {
             SandboxError::NotFound(_) | SandboxError::UnknownTemplate { .. } => Code::NotFound,
-            SandboxError::Paused(_) | SandboxError::NotPaused(_) => Code::FailedPrecondition,
-            SandboxError::Stopped { .. } => Code::Unavailable,
+            SandboxError::Paused(_) | SandboxError::NotPaused(_) | SandboxError::Stopped { .. } => Code::FailedPrecondition,
             SandboxError::InvalidLimits(_) => Code::InvalidArgument,
-            SandboxError::TooMany(_) => Code::ResourceExhausted,
+            SandboxError::Admission(AdmissionError::HostFacts(_)) => Code::Internal,
+            SandboxError::Admission(_) => Code::ResourceExhausted,
             SandboxError::Backend(BackendError::Template(_)) => Code::FailedPrecondition,
             SandboxError::Backend(_) => Code::Unavailable,
         };
@@ -66,6 +74,35 @@ pub fn require_sandbox_id(id: &str) -> Result<(), Status> {
         Err(Status::invalid_argument("sandbox_id is empty: pass the id returned by Sandboxes.Create"))
     } else {
         Ok(())
+    }
+}
+
+/// Rejects what the kernel cannot take in an exec: NUL bytes in argv or
+/// the environment, `=` in a variable's name, and a relative `cwd`.
+pub fn check_process(request: &ExecRequest) -> Result<(), Status> {
+    if request.argv.is_empty() {
+        return Err(Status::invalid_argument("argv is empty: name the program to run, e.g. [\"sh\", \"-c\", \"echo hi\"]"));
+    }
+    if let Some(index) = request.argv.iter().position(|arg| arg.contains('\0')) {
+        return Err(Status::invalid_argument(format!("argv[{index}] contains a NUL byte, which no program argument can hold: remove it")));
+    }
+    if request.cwd.contains('\0') || !(request.cwd.is_empty() || request.cwd.starts_with('/')) {
+        return Err(Status::invalid_argument(format!(
+            "cwd {:?} is not an absolute path: use one such as /home/user/project, or leave it empty for /home/user",
+            request.cwd
+        )));
+    }
+    check_env("env", &request.env)
+}
+
+/// Rejects environment variables the kernel cannot pass: NUL anywhere,
+/// an empty name or `=` in the name.
+pub fn check_env(field: &str, env: &HashMap<String, String>) -> Result<(), Status> {
+    match env.iter().find(|(name, value)| name.is_empty() || name.contains(['=', '\0']) || value.contains('\0')) {
+        Some((name, _)) => Err(Status::invalid_argument(format!(
+            "{field} variable {name:?} cannot be passed to a process: names must be non-empty without `=` or NUL, values without NUL"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -113,7 +150,7 @@ impl ApiContext {
         Fut: std::future::Future<Output = Result<tonic::Response<Reply>, Status>>,
     {
         let started = Instant::now();
-        let caller = crate::auth::caller(&request);
+        let caller = crate::auth::caller(&request)?;
         let mut message = request.into_inner();
         let id = sandbox_id(&message).to_string();
         let result = async {

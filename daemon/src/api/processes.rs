@@ -10,7 +10,10 @@ use sandbox_proto::api::{
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{agent_status, forwarded_stream, require_sandbox_id, require_size, ApiContext, ReplyStream, MAX_CHUNK_BYTES, MAX_STDIN_BYTES};
+use super::{
+    agent_status, check_env, check_process, forwarded_stream, require_sandbox_id, require_size, ApiContext, ReplyStream,
+    MAX_CHUNK_BYTES, MAX_STDIN_BYTES,
+};
 use crate::auth;
 
 pub struct ProcessesService(pub ApiContext);
@@ -26,9 +29,10 @@ impl Processes for ProcessesService {
             .0
             .forward(
                 request,
-                "Exec",
+                "Processes.Exec",
                 |r| &r.sandbox_id,
                 |handle, r| {
+                    check_process(r)?;
                     require_size("stdin", r.stdin.len(), MAX_STDIN_BYTES, "upload large input with Files.Upload and read it from the file")?;
                     r.env = handle.merged_env(std::mem::take(&mut r.env));
                     Ok(())
@@ -41,7 +45,7 @@ impl Processes for ProcessesService {
 
     async fn connect(&self, request: Request<Streaming<ConnectRequest>>) -> Result<Response<Self::ConnectStream>, Status> {
         let started = Instant::now();
-        let caller = auth::caller(&request);
+        let caller = auth::caller(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?;
         let mut start = match first.and_then(|m| m.input) {
@@ -50,12 +54,13 @@ impl Processes for ProcessesService {
                 let status = Status::failed_precondition(
                     "the first Connect message must be `start` (with process.sandbox_id and argv); send stdin, resize and signals after it",
                 );
-                return self.0.observe(&caller, "", "Connect", started, Err(status));
+                return self.0.observe(&caller, "", "Processes.Connect", started, Err(status));
             }
         };
         let id = start.process.as_ref().map(|p| p.sandbox_id.clone()).unwrap_or_default();
         let result = async {
             require_sandbox_id(&id)?;
+            check_process(start.process.as_ref().unwrap_or(&Default::default()))?;
             let handle = self.0.manager.agent(&caller, &id).await?;
             if let Some(process) = start.process.as_mut() {
                 process.env = handle.merged_env(std::mem::take(&mut process.env));
@@ -69,16 +74,17 @@ impl Processes for ProcessesService {
             Ok(forwarded_stream(id.clone(), events.into_inner()))
         }
         .await;
-        self.0.observe(&caller, &id, "Connect", started, result).map(Response::new)
+        self.0.observe(&caller, &id, "Processes.Connect", started, result).map(Response::new)
     }
 
     async fn run_code(&self, request: Request<RunCodeRequest>) -> Result<Response<RunCodeResponse>, Status> {
         self.0
             .forward(
                 request,
-                "RunCode",
+                "Processes.RunCode",
                 |r| &r.sandbox_id,
                 |handle, r| {
+                    check_env("env", &r.env)?;
                     require_size("code", r.code.len(), MAX_CHUNK_BYTES, "upload large programs with Files.Upload and run them with Exec")?;
                     r.env = handle.merged_env(std::mem::take(&mut r.env));
                     Ok(())

@@ -9,7 +9,7 @@ use sandbox_proto::api::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{require_sandbox_id, ApiContext};
+use super::{check_env, require_sandbox_id, ApiContext};
 use crate::{
     auth::{self, Caller},
     manager::{SandboxError, SandboxManager},
@@ -21,46 +21,53 @@ pub struct SandboxesService(pub ApiContext);
 impl Sandboxes for SandboxesService {
     async fn create(&self, request: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         let started = Instant::now();
-        let caller = auth::caller(&request);
-        let result = self.0.manager.create(&caller, request.into_inner()).await.map_err(Status::from);
+        let caller = auth::caller(&request)?;
+        let request = request.into_inner();
+        let result = match check_env("env", &request.env) {
+            Ok(()) => self.0.manager.create(&caller, request).await.map_err(Status::from),
+            Err(status) => Err(status),
+        };
         let id = result.as_ref().map(|sandbox| sandbox.id.clone()).unwrap_or_default();
-        self.0.observe(&caller, &id, "Create", started, result).map(Response::new)
+        self.0.observe(&caller, &id, "Sandboxes.Create", started, result).map(Response::new)
     }
 
     async fn get(&self, request: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         let started = Instant::now();
-        let caller = auth::caller(&request);
+        let caller = auth::caller(&request)?;
         let id = request.into_inner().id;
-        let result = require_sandbox_id(&id).and_then(|()| Ok(self.0.manager.get(&caller, &id)?));
-        self.0.observe(&caller, &id, "Get", started, result).map(Response::new)
+        let result = match require_sandbox_id(&id) {
+            Ok(()) => self.0.manager.get(&caller, &id).await.map_err(Status::from),
+            Err(status) => Err(status),
+        };
+        self.0.observe(&caller, &id, "Sandboxes.Get", started, result).map(Response::new)
     }
 
     async fn list(&self, request: Request<ListSandboxesRequest>) -> Result<Response<ListSandboxesResponse>, Status> {
         let started = Instant::now();
-        let caller = auth::caller(&request);
-        let sandboxes = self.0.manager.list(&caller);
-        self.0.observe(&caller, "", "List", started, Ok(ListSandboxesResponse { sandboxes })).map(Response::new)
+        let caller = auth::caller(&request)?;
+        let sandboxes = self.0.manager.list(&caller).await;
+        self.0.observe(&caller, "", "Sandboxes.List", started, Ok(ListSandboxesResponse { sandboxes })).map(Response::new)
     }
 
     async fn delete(&self, request: Request<DeleteSandboxRequest>) -> Result<Response<DeleteSandboxResponse>, Status> {
-        let caller = auth::caller(&request);
+        let caller = auth::caller(&request)?;
         let id = request.into_inner().id;
-        self.on_sandbox(caller, id, "Delete", |manager, caller, id| async move {
+        self.on_sandbox(caller, id, "Sandboxes.Delete", |manager, caller, id| async move {
             manager.delete(&caller, &id).await.map(|()| DeleteSandboxResponse {})
         })
         .await
     }
 
     async fn pause(&self, request: Request<PauseSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let caller = auth::caller(&request);
+        let caller = auth::caller(&request)?;
         let id = request.into_inner().id;
-        self.on_sandbox(caller, id, "Pause", |manager, caller, id| async move { manager.pause(&caller, &id).await }).await
+        self.on_sandbox(caller, id, "Sandboxes.Pause", |manager, caller, id| async move { manager.pause(&caller, &id).await }).await
     }
 
     async fn resume(&self, request: Request<ResumeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let caller = auth::caller(&request);
+        let caller = auth::caller(&request)?;
         let id = request.into_inner().id;
-        self.on_sandbox(caller, id, "Resume", |manager, caller, id| async move { manager.resume(&caller, &id).await }).await
+        self.on_sandbox(caller, id, "Sandboxes.Resume", |manager, caller, id| async move { manager.resume(&caller, &id).await }).await
     }
 }
 
