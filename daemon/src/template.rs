@@ -3,7 +3,9 @@
 //! touches when a clone is first used. `sandboxd template build` (and the
 //! daemon at start, for the default template) boots the guest, snapshots
 //! it, then restores it once through userfaultfd to record the working set
-//! that later restores prefetch.
+//! that later restores prefetch. Both VMMs are jailed like every other:
+//! each writes into its own jail, and what it wrote is taken out and
+//! published (plain files, root's, readable by later VMMs) once it exited.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,8 +16,9 @@ use sandbox_proto::{agent::agent_client::AgentClient, api::ExecRequest};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::{
-    backend::microvm::vmm_process::{vmm_config, RestoreMemory, VmProcess, VmProcessError, VmSource},
+use crate::backend::microvm::{
+    vm_dir::{self, VmDirError},
+    vmm_process::{vmm_config, RestoreMemory, VmProcess, VmProcessError, VmSource},
 };
 
 /// The template's description, next to its snapshot files.
@@ -26,6 +29,8 @@ const WORKING_SET: &str = "working-set";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a restored guest has to answer `Hello`.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first use of a restored guest (refresh, one exec) may take.
+const FIRST_USE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The guest counts as idle once its console has been quiet this long.
 const QUIET: Duration = Duration::from_secs(1);
 /// The guest kernel's command line.
@@ -41,6 +46,8 @@ pub enum TemplateError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Vmm(#[from] VmProcessError),
+    #[error(transparent)]
+    Dir(#[from] VmDirError),
     #[error("the guest's agent did not answer during the template build: {0}")]
     Agent(String),
 }
@@ -142,9 +149,7 @@ pub async fn build(options: &BuildOptions, progress: &(dyn Fn(&str) + Sync)) -> 
 
 async fn build_in(options: &BuildOptions, work: &Path, progress: &(dyn Fn(&str) + Sync)) -> Result<Template, TemplateError> {
     let snapshot = work.join("template");
-    for dir in [work.join("boot"), work.join("record"), snapshot.clone()] {
-        std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
-    }
+    std::fs::create_dir_all(work).map_err(io_error("create", work))?;
     let started = Instant::now();
     progress(&format!("booting {} ({} MiB, {} vCPU)", options.kernel.display(), options.memory_mib, options.vcpus));
     boot_and_snapshot(options, &work.join("boot"), &snapshot, progress).await?;
@@ -171,40 +176,57 @@ async fn build_in(options: &BuildOptions, work: &Path, progress: &(dyn Fn(&str) 
     Template::load(&options.out)
 }
 
-/// Boots the guest in `dir`, waits for its agent and a quiet console, and
-/// snapshots it into `snapshot`.
+/// Boots the guest in `dir`, waits for its agent and a quiet console,
+/// snapshots it inside its jail, and moves the snapshot to `snapshot`.
 async fn boot_and_snapshot(options: &BuildOptions, dir: &Path, snapshot: &Path, progress: &(dyn Fn(&str) + Sync)) -> Result<(), TemplateError> {
     let vm = VmProcess::new(dir.to_path_buf());
     let source = VmSource::Boot { kernel: &options.kernel, cmdline: GUEST_CMDLINE, memory_mib: options.memory_mib, vcpus: options.vcpus };
-    vm.start(&options.launcher, &vmm_config(dir, &options.rootfs, &source), None)?;
+    vm.start(&options.launcher, &vmm_config(&options.rootfs, &source), None)?;
+    let written = vm.jail_dir().join("template");
     let result = async {
         vm.wait_for_agent(BOOT_TIMEOUT, progress).await.map_err(TemplateError::Agent)?;
         progress("the agent answered; waiting for the guest to settle");
-        wait_until_quiet(&dir.join("serial.log")).await;
-        vm.control(serde_json::json!({ "op": "snapshot", "dir": snapshot }))?;
-        Ok(())
+        wait_until_quiet(&vm.jail_dir().join("serial.log")).await;
+        let inside = vm.create_dir_for_vmm(&written)?;
+        vm.control(serde_json::json!({ "op": "snapshot", "dir": inside }))?;
+        Ok::<_, TemplateError>(())
     }
     .await;
-    vm.stop();
-    result
+    let stopped = vm.stop();
+    result?;
+    stopped?;
+    take_out(&written, snapshot)
 }
 
 /// Restores the snapshot once through userfaultfd, uses it the way a
 /// sandbox is first used (agent hello, clock and entropy refresh, one
-/// exec), and saves the order of the pages that took.
+/// exec), and saves the order of the pages that took next to it.
 async fn record_working_set(options: &BuildOptions, dir: &Path, snapshot: &Path) -> Result<u64, TemplateError> {
     let vm = VmProcess::new(dir.to_path_buf());
     let source = VmSource::Restore { snapshot, memory: RestoreMemory::Uffd, working_set: None, record: true };
-    vm.start(&options.launcher, &vmm_config(dir, &options.rootfs, &source), None)?;
+    vm.start(&options.launcher, &vmm_config(&options.rootfs, &source), None)?;
+    let written = vm.jail_dir().join(WORKING_SET);
     let result = async {
         let mut agent = vm.wait_for_agent(RESTORE_TIMEOUT, &|_| {}).await.map_err(TemplateError::Agent)?;
-        first_use(&mut agent).await.map_err(|reason| TemplateError::Agent(format!("{reason}; {}", vm.diagnostics())))?;
-        let reply = vm.control(serde_json::json!({ "op": "working_set", "path": snapshot.join(WORKING_SET) }))?;
-        Ok(reply["pages"].as_u64().unwrap_or(0))
+        let used = tokio::time::timeout(FIRST_USE_TIMEOUT, first_use(&mut agent))
+            .await
+            .unwrap_or_else(|_| Err(format!("the first use of the restored guest took over {FIRST_USE_TIMEOUT:?}")));
+        used.map_err(|reason| TemplateError::Agent(format!("{reason}; {}", vm.diagnostics())))?;
+        let reply = vm.control(serde_json::json!({ "op": "working_set", "path": vm.jail_path(&written)? }))?;
+        Ok::<_, TemplateError>(reply["pages"].as_u64().unwrap_or(0))
     }
     .await;
-    vm.stop();
-    result
+    let stopped = vm.stop();
+    let pages = result?;
+    stopped?;
+    take_out(&written, &snapshot.join(WORKING_SET))?;
+    Ok(pages)
+}
+
+/// Moves what an exited VMM wrote in its jail to `to`, published.
+fn take_out(written: &Path, to: &Path) -> Result<(), TemplateError> {
+    vm_dir::publish(written)?;
+    std::fs::rename(written, to).map_err(io_error("move a VMM's output to", to))
 }
 
 /// What every sandbox does first: refresh, then run a process.

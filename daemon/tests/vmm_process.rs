@@ -6,16 +6,32 @@
 //! its own copy of the snapshot's disk overlay, a recorded working set is
 //! replayed as prefetch, and a restore without the snapshot's devices is
 //! refused.
+//!
+//! Started the way the daemon starts them ([`VmProcess`]), VMMs are
+//! jailed: each runs as its own unprivileged uid, in namespaces of its own,
+//! with its directory as its root, and cannot open a host path outside it.
+//! A VMM that stops answering is killed and reported with its threads'
+//! states, and one that does not die on SIGKILL (frozen by the cgroup v1
+//! freezer) does not hold the caller: it is reported and reaped later.
 
 #[path = "../../vmm/tests/support/mod.rs"]
 mod support;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
+    os::unix::{fs::MetadataExt, net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command},
     time::{Duration, Instant},
+};
+
+use sandboxd::backend::{
+    cgroup::{self, Cgroup, CgroupFlavor, Limits},
+    microvm::{
+        uid_slots::{FIRST_UID, SLOTS},
+        vm_dir,
+        vmm_process::{vmm_config, RestoreMemory, VmProcess, VmProcessError, VmSource},
+    },
 };
 
 /// Prints 'x' on the serial console every 2^20 iterations of a counter.
@@ -244,5 +260,183 @@ fn vmm_exits_when_the_process_that_started_it_is_gone() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "it stopped the VM and exited cleanly: {status}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn launcher() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_sandboxd"))
+}
+
+/// A field of /proc/PID/status.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).unwrap_or_default().trim().to_string()
+}
+
+fn namespace(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+/// Waits until the jailed VM's guest has printed something.
+fn wait_for_console(vm: &VmProcess) {
+    let serial = vm.jail_dir().join("serial.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&serial).map_or(0, |m| m.len()) == 0 {
+        assert!(vm.is_alive(), "the VMM exited: {}", vm.diagnostics());
+        assert!(Instant::now() < deadline, "the guest never printed: {}", vm.diagnostics());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_for_exit(vm: &VmProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm.is_alive() {
+        assert!(Instant::now() < deadline, "the VMM still runs: {}", vm.diagnostics());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn jailed_test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sandboxd-vmm-jail-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("base.img"), vec![0u8; 1 << 20]).unwrap();
+    dir
+}
+
+#[test]
+fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_directory() {
+    let dir = jailed_test_dir("identity");
+    let (kernel, base) = (support::build_payload(BODY), dir.join("base.img"));
+    let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
+    let (first, second) = (VmProcess::new(dir.join("first")), VmProcess::new(dir.join("second")));
+    for vm in [&first, &second] {
+        vm.start(launcher(), &vmm_config(&base, &boot), None).unwrap();
+        wait_for_console(vm);
+    }
+    let pids = [first.pid().unwrap(), second.pid().unwrap()];
+
+    // Its own unprivileged identity: uid and gid, distinct per VMM, no
+    // groups, no capabilities, no way to gain privileges.
+    let uids: Vec<String> = pids.iter().map(|&pid| status_field(pid, "Uid")).collect();
+    assert_ne!(uids[0], uids[1], "two VMMs share a uid");
+    for (&pid, uid) in pids.iter().zip(&uids) {
+        let ids: Vec<u32> = uid.split_whitespace().map(|id| id.parse().unwrap()).collect();
+        assert!(ids.iter().all(|&id| id == ids[0] && (FIRST_UID..FIRST_UID + SLOTS).contains(&id)), "real, effective, saved and fs uid: {uid}");
+        assert_eq!(status_field(pid, "Gid"), uid.as_str(), "its gid is its uid");
+        assert_eq!(status_field(pid, "Groups"), "");
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "NSpid").split_whitespace().nth(1), Some("1"), "PID 1 of its own PID namespace");
+    }
+
+    // Namespaces of its own, shared with neither the daemon nor another VMM.
+    for kind in ["mnt", "pid", "net", "ipc", "uts"] {
+        let [mine, first_ns, second_ns] = ["self".to_string(), pids[0].to_string(), pids[1].to_string()].map(|pid| namespace(&pid, kind));
+        assert_ne!(first_ns, mine, "{kind}");
+        assert_ne!(first_ns, second_ns, "{kind}");
+    }
+
+    // Its root is its jail directory, holding its own files and the
+    // read-only binds, and nothing of the host.
+    let root = std::fs::metadata(format!("/proc/{}/root/", pids[0])).unwrap();
+    let jail = std::fs::metadata(first.jail_dir()).unwrap();
+    assert_eq!((root.dev(), root.ino()), (jail.dev(), jail.ino()), "/proc/PID/root is the jail directory");
+    let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{}/root/", pids[0]))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["control.sock", "dev", "kernel", "overlay.bitmap", "overlay.img", "rootfs", "serial.log", "vsock.sock"]);
+    let devices: Vec<String> =
+        std::fs::read_dir(format!("/proc/{}/root/dev", pids[0])).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(devices.contains(&"kvm".to_string()) && devices.len() <= 2, "only kvm and userfaultfd: {devices:?}");
+
+    // A control request that points at a host directory outside the jail
+    // fails, and nothing lands there.
+    let outside = dir.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let error = first.control(serde_json::json!({ "op": "snapshot", "dir": outside })).unwrap_err();
+    assert!(matches!(error, VmProcessError::Refused { .. }), "{error}");
+    assert!(error.to_string().contains("No such file or directory"), "{error}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "the VMM wrote outside its jail");
+    assert!(first.jail_path(&outside).is_err(), "the daemon refuses to name a host path to a VMM");
+
+    // Inside its jail it snapshots; a VMM restoring that snapshot (bound in
+    // read-only, memory mapped privately) runs it.
+    let written = first.jail_dir().join("snapshot.out");
+    let inside = first.create_dir_for_vmm(&written).unwrap();
+    first.control(serde_json::json!({ "op": "snapshot", "dir": inside })).unwrap();
+    for vm in [&first, &second] {
+        vm.stop().unwrap();
+        let owner = std::fs::metadata(vm.jail_dir()).unwrap();
+        assert_eq!((owner.uid(), owner.gid()), (0, 0), "a stopped VMM's directory is root's again");
+    }
+    let published = dir.join("published");
+    std::fs::rename(&written, &published).unwrap();
+    vm_dir::publish(&published).unwrap();
+    for (name, memory) in [("private", RestoreMemory::MapPrivate), ("uffd", RestoreMemory::Uffd)] {
+        let restore = VmSource::Restore { snapshot: &published, memory, working_set: None, record: false };
+        let clone = VmProcess::new(dir.join(name));
+        clone.start(launcher(), &vmm_config(&base, &restore), None).unwrap();
+        wait_for_console(&clone);
+        if memory == RestoreMemory::Uffd {
+            let stats = clone.simple("stats").unwrap();
+            assert!(stats["uffd"]["faults"].as_u64().unwrap() > 0, "an unprivileged VMM serves faults through /dev/userfaultfd: {stats}");
+        }
+        clone.stop().unwrap();
+    }
+
+    // A configuration naming a host file the jail does not bind is not found.
+    let unbound = serde_json::json!({
+        "boot": { "kernel": kernel, "cmdline": "", "memory_mib": 32, "vcpus": 1 },
+        "serial_log": "/serial.log",
+        "control_socket": "/control.sock",
+    });
+    let refused = VmProcess::new(dir.join("unbound"));
+    refused.start(launcher(), &unbound, None).unwrap();
+    wait_for_exit(&refused);
+    let log = std::fs::read_to_string(dir.join("unbound").join("vmm.log")).unwrap();
+    assert!(log.contains(&kernel.display().to_string()) && log.contains("No such file or directory"), "{log}");
+    drop((first, second, refused));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_vmm_that_stops_answering_is_killed_and_one_that_does_not_die_is_reported_without_holding_the_caller() {
+    let flavor = cgroup::detect().unwrap();
+    if flavor != CgroupFlavor::V1 {
+        eprintln!("skipped: only the cgroup v1 freezer keeps a SIGKILLed process alive; this host has v2");
+        return;
+    }
+    let dir = jailed_test_dir("stuck");
+    let (kernel, base) = (support::build_payload(BODY), dir.join("base.img"));
+    let limits = Limits { memory_bytes: 256 << 20, cpu_millis: 1000, max_pids: 64 };
+    let group = Cgroup::create(flavor, &format!("vmm-stuck-test-{}", std::process::id()), &limits).unwrap();
+    let vm = VmProcess::new(dir.join("vm"));
+    let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
+    vm.start(launcher(), &vmm_config(&base, &boot), Some(&group)).unwrap();
+    wait_for_console(&vm);
+    let pid = vm.pid().unwrap();
+    group.freeze().unwrap();
+
+    // A request the frozen VMM cannot answer ends at its deadline, with the
+    // threads' states; the VMM was killed but, frozen, has not died.
+    let error = vm.simple("stats").unwrap_err();
+    let VmProcessError::Stuck { threads, .. } = &error else { panic!("{error}") };
+    assert!(threads.contains("vcpu0") && threads.contains("wchan="), "{threads}");
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "a frozen VMM outlives SIGKILL");
+    assert!(!vm.is_alive(), "the daemon let go of it");
+
+    // Once thawed it dies, and the thread left behind reaps it.
+    group.thaw().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the killed VMM was never reaped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.stop().unwrap();
+    group.remove().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod builder;
 pub mod devices;
+pub mod jailer;
 pub mod probe;
 pub mod process;
 pub mod seccomp;

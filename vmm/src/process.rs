@@ -9,6 +9,9 @@
 //! Every request gets one reply line: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`. The process exits when asked to, or when the
 //! guest shuts down; vCPU threads and the control thread run under seccomp.
+//! With a `jail` section the process first confines itself
+//! ([`crate::jailer`]); every other path of the configuration and of the
+//! control requests is then a path inside the jail's directory.
 
 use std::{
     io::{Read, Write},
@@ -30,6 +33,7 @@ use crate::{
         vsock::Vsock,
         VirtioDevice,
     },
+    jailer::{self, JailConfig, JailError},
     seccomp::{self, ThreadKind},
     snapshot::{self, RestoreMode, SnapshotError, SnapshotFiles},
     MicroVm, MicroVmConfig, VmExit,
@@ -58,6 +62,9 @@ pub struct VmmConfig {
     /// stops the VM and exits instead of running on unattended.
     #[serde(default)]
     pub exit_with_stdin: bool,
+    /// Confine the process before it opens anything (see [`crate::jailer`]).
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -115,6 +122,8 @@ pub enum VmmError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("cannot jail the VMM: {0}")]
+    Jail(#[from] JailError),
     #[error("cannot open {what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("{0}")]
@@ -139,6 +148,10 @@ enum Request {
 
 /// Runs the microVM until it exits or is shut down; returns how it ended.
 pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
+    if let Some(jail) = &config.jail {
+        check_userfaultfd_access(&config.source)?;
+        jailer::enter(jail)?;
+    }
     let console = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -180,6 +193,22 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
     }
     seccomp::apply(&seccomp::filter(ThreadKind::Control)?)?;
     serve(&mut vm, &listener, Lifeline(config.exit_with_stdin))
+}
+
+/// A jailed VMM is unprivileged: a restore through userfaultfd (whose
+/// faults come from KVM, in the kernel) needs `/dev/userfaultfd` (Linux
+/// 6.1+, which the jail gives it) or `vm.unprivileged_userfaultfd = 1`.
+fn check_userfaultfd_access(source: &VmSource) -> Result<(), VmmError> {
+    let uses_uffd = matches!(source, VmSource::Restore { memory: MemoryMode::Uffd, .. });
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if uses_uffd && !Path::new("/dev/userfaultfd").exists() && sysctl.trim() != "1" {
+        return Err(VmmError::Config(
+            "a jailed VMM restoring through userfaultfd needs /dev/userfaultfd (Linux 6.1+) or vm.unprivileged_userfaultfd=1: \
+             set the sysctl, or restore with map-private memory"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The pipe on standard input that ties the VMM to the process that
@@ -330,10 +359,10 @@ fn answer(vm: &mut MicroVm, request: Request) -> serde_json::Value {
 }
 
 fn stats(vm: &MicroVm) -> serde_json::Value {
+    // A jailed VMM has no /proc: its RSS is then null.
     let rss_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .unwrap_or(0);
+        .and_then(|status| status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()));
     let vcpus: Vec<_> = vm
         .vcpus()
         .iter()

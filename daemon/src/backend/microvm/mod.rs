@@ -4,8 +4,12 @@
 //! template's snapshot when there is one (cold boot otherwise). The guest
 //! agent is the VM's init and serves on vsock port 1024, reached through
 //! the VMM's vsock unix socket. Suspending a sandbox snapshots it to disk
-//! and ends its VMM; waking it restores that snapshot.
+//! and ends its VMM; waking it restores that snapshot. Every VMM is jailed
+//! (see [`vmm_process`]).
 
+pub mod uid_slots;
+pub mod vm_dir;
+mod vmm_child;
 pub mod vmm_process;
 
 use std::{
@@ -68,6 +72,9 @@ impl MicroVmBackend {
             if !path.is_file() {
                 return Err(format!("the {what} {} does not exist: {fix}", path.display()));
             }
+            if vm_dir::readable_by_others(path).is_err() {
+                return Err(format!("the {what} {} is not readable by others, and VMMs run as unprivileged uids: chmod a+r it", path.display()));
+            }
         }
         let launcher = std::env::current_exe().map_err(|e| format!("cannot find the sandboxd binary: {e}"))?;
         let cgroups = cgroup::detect().map_err(|e| e.to_string())?;
@@ -87,7 +94,8 @@ impl MicroVmBackend {
             launcher: self.launcher.clone(),
         };
         self.default_template = match Template::load(&options.out) {
-            Ok(template) if options.matches(&template) => {
+            // Templates from before VMMs were jailed may be root's alone.
+            Ok(template) if options.matches(&template) && vm_dir::readable_by_others(&template.dir).is_ok() => {
                 tracing::info!(template = %options.out.display(), "using the default template's snapshot");
                 Some(template)
             }
@@ -143,7 +151,7 @@ impl Backend for MicroVmBackend {
 
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
         let dir = self.state_root.join(&spec.id);
-        let plan = self.plan(&spec, &dir)?;
+        let plan = self.plan(&spec)?;
         std::fs::create_dir_all(&dir).map_err(|e| BackendError::Launch(format!("cannot create {}: {e}", dir.display())))?;
         let cgroup = Cgroup::create(self.cgroups, &spec.id, &cgroup_limits(spec.limits))
             .map_err(|e| launch_error("cannot create the VMM's cgroup")(e.to_string()))?;
@@ -172,12 +180,12 @@ struct LaunchPlan {
 impl MicroVmBackend {
     /// A restore of the spec's template when the template has the spec's
     /// memory and vCPUs (a snapshot fixes both), else a cold boot.
-    fn plan(&self, spec: &LaunchSpec, dir: &Path) -> Result<LaunchPlan, BackendError> {
+    fn plan(&self, spec: &LaunchSpec) -> Result<LaunchPlan, BackendError> {
         let template = self.template_for(spec)?;
         if let Some(template) = template.as_ref().filter(|t| (t.manifest.memory_mib, t.manifest.vcpus) == (spec.limits.memory_mib, spec.limits.vcpus)) {
             let working_set = template.working_set();
             return Ok(LaunchPlan {
-                config: vmm_config(dir, &template.manifest.rootfs, &self.restore_source(template, &working_set)),
+                config: vmm_config(&template.manifest.rootfs, &self.restore_source(template, &working_set)),
                 rootfs: template.manifest.rootfs.clone(),
                 timeout: RESTORE_TIMEOUT,
                 restore_label: Some(memory_label(self.restore_memory, working_set.is_some())),
@@ -190,7 +198,7 @@ impl MicroVmBackend {
             memory_mib: spec.limits.memory_mib,
             vcpus: spec.limits.vcpus,
         };
-        Ok(LaunchPlan { config: vmm_config(dir, &rootfs, &boot), rootfs, timeout: BOOT_TIMEOUT, restore_label: None })
+        Ok(LaunchPlan { config: vmm_config(&rootfs, &boot), rootfs, timeout: BOOT_TIMEOUT, restore_label: None })
     }
 }
 
@@ -226,42 +234,44 @@ impl MicroVm {
     /// Ends the VMM process, keeping the directory.
     async fn stop(self: &Arc<Self>) {
         let vm = Arc::clone(self);
-        let _ = blocking("stop", move || {
-            vm.process.stop();
-            Ok(())
-        })
-        .await;
+        let stopped = blocking("stop", move || vm.process.stop().map_err(|e| e.to_string())).await;
+        if let Err(error) = stopped {
+            tracing::error!(%error, vm = %self.process.dir().display(), "cannot stop a microVM");
+        }
     }
 
-    /// Ends the VMM, then removes the cgroup and the sandbox's files.
+    /// Ends the VMM, then removes the cgroup and the sandbox's files (all
+    /// three are tried; the first failure is returned).
     fn destroy(&self) -> Result<(), String> {
         self.destroyed.store(true, Ordering::Relaxed);
-        self.process.stop();
-        self.cgroup.remove().map_err(|e| e.to_string())?;
-        match std::fs::remove_dir_all(self.process.dir()) {
+        let stopped = self.process.stop().map_err(|e| e.to_string());
+        let removed = self.cgroup.remove().map_err(|e| e.to_string());
+        let deleted = match std::fs::remove_dir_all(self.process.dir()) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.to_string()),
             _ => Ok(()),
-        }
+        };
+        stopped.and(removed).and(deleted)
     }
 
     fn suspended_dir(&self) -> PathBuf {
         self.process.dir().join(SUSPENDED)
     }
 
-    /// Snapshots the VM into its directory and ends the VMM process. The
-    /// new snapshot replaces the last one only once it is complete; if it
-    /// cannot be taken, the VM runs on.
+    /// Snapshots the VM inside its jail, ends the VMM process, and moves
+    /// the snapshot out of the jail into its directory. The new snapshot
+    /// replaces the last one only once it is complete; if it cannot be
+    /// taken, the VM runs on.
     fn suspend(&self) -> Result<(), String> {
         let dir = self.suspended_dir();
-        let partial = dir.with_extension("partial");
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
-        if let Err(error) = self.process.control(serde_json::json!({ "op": "snapshot", "dir": partial })) {
+        let partial = self.process.jail_dir().join(format!("{SUSPENDED}.partial"));
+        let inside = self.process.create_dir_for_vmm(&partial).map_err(|e| e.to_string())?;
+        if let Err(error) = self.process.control(serde_json::json!({ "op": "snapshot", "dir": inside })) {
             let _ = std::fs::remove_dir_all(&partial);
             let resumed = self.process.simple("resume").map_or_else(|e| format!("; resuming it failed too: {e}"), |_| String::new());
             return Err(format!("{error}; the sandbox keeps running{resumed}; free disk space in the state directory and retry"));
         }
-        self.process.stop();
+        self.process.stop().map_err(|e| e.to_string())?;
+        vm_dir::publish(&partial).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&partial, &dir).map_err(|e| format!("cannot move the snapshot to {}: {e}", dir.display()))
     }
@@ -269,13 +279,13 @@ impl MicroVm {
     /// Starts a VMM restoring the suspended snapshot, with the disk as it
     /// was at that snapshot (so a failed wake can be retried).
     async fn wake(self: &Arc<Self>, rootfs: &Path) -> Result<AgentClient<Channel>, BackendError> {
-        let dir = self.process.dir().to_path_buf();
+        let jail = self.process.jail_dir();
         for stale in ["overlay.img", "overlay.bitmap"] {
-            let _ = std::fs::remove_file(dir.join(stale));
+            vm_dir::unlink(&jail.join(stale)).map_err(|e| BackendError::Launch(e.to_string()))?;
         }
         let snapshot = self.suspended_dir();
         let source = VmSource::Restore { snapshot: &snapshot, memory: RestoreMemory::MapPrivate, working_set: None, record: false };
-        self.run(&vmm_config(&dir, rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await
+        self.run(&vmm_config(rootfs, &source), RESTORE_TIMEOUT, Some("map_private")).await
     }
 }
 

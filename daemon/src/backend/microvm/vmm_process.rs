@@ -1,19 +1,32 @@
-//! One `sandboxd vmm` process as the daemon sees it: its directory (VMM
-//! configuration, control and vsock sockets, serial log, disk overlay), the
-//! child process, and the JSON-lines control requests it answers. A
-//! suspended microVM keeps its directory while no process runs; waking it
-//! starts a new process there. Each VMM holds the read end of a pipe on its
-//! standard input and exits when the daemon's end closes, so VMMs never
-//! outlive the daemon; what a VMM prints goes to `vmm.log` in its directory.
+//! One `sandboxd vmm` process as the daemon sees it: its directory (see
+//! [`super::vm_dir`]: the VMM's configuration and log, links to its
+//! control and vsock sockets, its jail), the jailed child process, and the
+//! JSON-lines control requests it answers. A suspended microVM keeps its
+//! directory while no process runs; waking it starts a new process there.
+//!
+//! Every VMM is jailed ([`sandbox_vmm::jailer`]): it runs as its own uid
+//! ([`super::uid_slots`]) in its own PID, mount, network, IPC and UTS
+//! namespaces, with `DIR/jail` as its whole file system, in its cgroup. The
+//! host files it needs (kernel, root image, the snapshot it restores) are
+//! bound in read-only at fixed names, and every path in its configuration
+//! and in control requests is a path inside the jail.
+//!
+//! Nothing waits on a VMM without a deadline: a control request that gets
+//! no answer in time, or a VMM that does not die within seconds of
+//! SIGKILL, is reported with the states of its threads (and, for the
+//! first, killed). Each VMM holds the read end of a pipe on its standard
+//! input and exits when the daemon's end closes; what it prints goes to
+//! `vmm.log` in its directory.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    collections::HashSet,
+    ffi::OsStr,
+    io::{Read, Write},
     os::{
-        fd::OwnedFd,
+        fd::{AsFd, OwnedFd},
         unix::{net::UnixStream, process::ExitStatusExt},
     },
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -21,7 +34,12 @@ use std::{
 use sandbox_proto::agent::agent_client::AgentClient;
 use tonic::transport::Channel;
 
-use super::super::cgroup::Cgroup;
+use super::{
+    super::cgroup::Cgroup,
+    uid_slots::{self, UidLease, UidSlotError},
+    vm_dir::{self, VmDirError, JAIL},
+    vmm_child::VmmChild,
+};
 use crate::{
     agent_client::{self, AgentAddress},
     metrics,
@@ -35,21 +53,43 @@ pub const GUEST_CID: u64 = 3;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long any other control request may take (a pause waits up to 5 s for vCPUs).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a VMM that is being stopped gets to answer before it is killed.
+/// How long a VMM that is being stopped gets to answer, and then to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a VMM gets to die after SIGKILL before it is reported stuck.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest reply line the daemon reads from a VMM.
+const MAX_REPLY: usize = 1 << 20;
+/// The VMM's sockets, as named inside its jail and linked into its directory.
+const CONTROL_SOCKET: &str = "control.sock";
+const VSOCK_SOCKET: &str = "vsock.sock";
+/// Where host files are bound read-only inside the jail.
+const KERNEL_BIND: &str = "kernel";
+const ROOTFS_BIND: &str = "rootfs";
+const SNAPSHOT_BIND: &str = "snapshot";
+const WORKING_SET_BIND: &str = "working-set";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmProcessError {
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Dir(#[from] VmDirError),
+    #[error(transparent)]
+    Uid(#[from] UidSlotError),
     #[error("cannot start the VMM process {launcher}: {source}")]
     Spawn { launcher: PathBuf, source: std::io::Error },
-    #[error("cannot put the VMM into its cgroup ({0}); it was stopped rather than run without limits")]
-    Cgroup(String),
+    #[error("the jailed VMM runs as an unprivileged uid and cannot read {0}: make it readable by others (chmod a+rX), or rebuild the template")]
+    Unreadable(PathBuf),
+    #[error("{0} is outside the VMM's jail directory, which is all a VMM can see: put it under {1}")]
+    OutsideJail(PathBuf, PathBuf),
+    #[error("no VMM runs in {0}")]
+    NotRunning(PathBuf),
     #[error("the VMM did not answer {op}: {reason}")]
     Control { op: String, reason: String },
     #[error("the VMM refused {op}: {reason}")]
     Refused { op: String, reason: String },
+    #[error("the VMM did not answer {op} within {waited:?} and was killed; its threads were: {threads}")]
+    Stuck { op: String, waited: Duration, threads: String },
+    #[error("the VMM (pid {pid}) did not die within {KILL_TIMEOUT:?} of SIGKILL; a thread reaps it when it does; its threads: {threads}")]
+    Unkillable { pid: u32, threads: String },
 }
 
 /// Where a VM's memory and state come from.
@@ -77,47 +117,68 @@ impl RestoreMemory {
     }
 }
 
-/// The `sandboxd vmm` configuration of a VM in `dir` with root disk `rootfs`.
-pub fn vmm_config(dir: &Path, rootfs: &Path, source: &VmSource<'_>) -> serde_json::Value {
+/// The `sandboxd vmm` configuration of a VM with root disk `rootfs`: the
+/// host files it needs are bound into its jail, and every path is the one
+/// the VMM sees there. [`VmProcess::start`] adds the jail's root, uid and
+/// cgroup.
+pub fn vmm_config(rootfs: &Path, source: &VmSource<'_>) -> serde_json::Value {
+    let mut binds = vec![bind(rootfs, ROOTFS_BIND)];
     let source = match source {
-        VmSource::Boot { kernel, cmdline, memory_mib, vcpus } => serde_json::json!({
-            "boot": { "kernel": kernel, "cmdline": cmdline, "memory_mib": memory_mib, "vcpus": (*vcpus).clamp(1, 32) },
-        }),
-        VmSource::Restore { snapshot, memory, working_set, record } => serde_json::json!({
-            "restore": {
-                "snapshot_dir": snapshot,
-                "memory": memory.config_name(),
-                "prefetch": working_set.filter(|_| *memory == RestoreMemory::Uffd),
-                "record_working_set": record,
-            },
-        }),
+        VmSource::Boot { kernel, cmdline, memory_mib, vcpus } => {
+            binds.push(bind(kernel, KERNEL_BIND));
+            serde_json::json!({
+                "boot": { "kernel": jail_root(KERNEL_BIND), "cmdline": cmdline, "memory_mib": memory_mib, "vcpus": (*vcpus).clamp(1, 32) },
+            })
+        }
+        VmSource::Restore { snapshot, memory, working_set, record } => {
+            binds.push(bind(snapshot, SNAPSHOT_BIND));
+            let prefetch = working_set.filter(|_| *memory == RestoreMemory::Uffd).map(|set| match set.strip_prefix(snapshot) {
+                Ok(inside) => jail_root(SNAPSHOT_BIND).join(inside),
+                Err(_) => {
+                    binds.push(bind(set, WORKING_SET_BIND));
+                    jail_root(WORKING_SET_BIND)
+                }
+            });
+            serde_json::json!({
+                "restore": {
+                    "snapshot_dir": jail_root(SNAPSHOT_BIND),
+                    "memory": memory.config_name(),
+                    "prefetch": prefetch,
+                    "record_working_set": record,
+                },
+            })
+        }
     };
     let mut config = serde_json::json!({
         "exit_with_stdin": true,
-        "drive": { "base": rootfs, "overlay": dir.join("overlay.img") },
-        "vsock": { "guest_cid": GUEST_CID, "uds": dir.join("vsock.sock") },
-        "serial_log": dir.join("serial.log"),
-        "control_socket": dir.join("control.sock"),
+        "drive": { "base": jail_root(ROOTFS_BIND), "overlay": "/overlay.img" },
+        "vsock": { "guest_cid": GUEST_CID, "uds": jail_root(VSOCK_SOCKET) },
+        "serial_log": "/serial.log",
+        "control_socket": jail_root(CONTROL_SOCKET),
+        "jail": { "binds": binds },
     });
     config.as_object_mut().expect("an object").extend(source.as_object().expect("an object").clone());
     config
 }
 
-fn write_error(path: &Path) -> impl Fn(std::io::Error) -> VmProcessError + '_ {
-    move |source| VmProcessError::Write { path: path.to_path_buf(), source }
+fn bind(source: &Path, name: &str) -> serde_json::Value {
+    serde_json::json!({ "source": source, "name": name })
 }
 
-/// A running VMM and the write end of its lifeline pipe.
+/// `/name` inside the jail.
+fn jail_root(name: &str) -> PathBuf {
+    Path::new("/").join(name)
+}
+
+/// A running VMM, the uid it holds and the write end of its lifeline pipe.
 struct Running {
-    child: Child,
+    child: VmmChild,
+    lease: UidLease,
     _lifeline: OwnedFd,
-}
-
-impl Running {
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    /// The sockets linked into the directory since this VMM started.
+    linked: HashSet<&'static str>,
+    /// Whether its exit has been logged.
+    exit_reported: bool,
 }
 
 /// A VMM process and the directory it works in.
@@ -136,48 +197,95 @@ impl VmProcess {
         &self.dir
     }
 
-    pub fn agent_address(&self) -> AgentAddress {
-        AgentAddress::Vsock { uds: self.dir.join("vsock.sock"), port: AGENT_PORT }
+    /// The host directory the VMM sees as `/`.
+    pub fn jail_dir(&self) -> PathBuf {
+        self.dir.join(JAIL)
     }
 
-    /// Starts `launcher vmm` with `config`, in `cgroup` when given; a VMM
-    /// still running from before is killed first.
+    /// What the VMM calls `host`, a path inside its jail directory.
+    pub fn jail_path(&self, host: &Path) -> Result<PathBuf, VmProcessError> {
+        let jail = self.jail_dir();
+        host.strip_prefix(&jail)
+            .map(|inside| Path::new("/").join(inside))
+            .map_err(|_| VmProcessError::OutsideJail(host.to_path_buf(), jail.clone()))
+    }
+
+    /// Creates the empty directory `host` inside the jail for the running
+    /// VMM to write into (a snapshot); returns what the VMM calls it.
+    pub fn create_dir_for_vmm(&self, host: &Path) -> Result<PathBuf, VmProcessError> {
+        let inside = self.jail_path(host)?;
+        let uid = self.lock().as_ref().map(|running| running.lease.uid()).ok_or_else(|| VmProcessError::NotRunning(self.dir.clone()))?;
+        vm_dir::recreate_dir(host, uid)?;
+        Ok(inside)
+    }
+
+    /// The VMM's pid (in the daemon's PID namespace) while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(|running| running.child.pid())
+    }
+
+    /// Starts `launcher vmm` with `config` (see [`vmm_config`]), jailed in
+    /// this directory, in `cgroup` when given; a VMM still running from
+    /// before is stopped first.
     pub fn start(&self, launcher: &Path, config: &serde_json::Value, cgroup: Option<&Cgroup>) -> Result<(), VmProcessError> {
         if let Some(previous) = self.lock().take() {
-            previous.kill();
+            if let Err(error) = end(previous, &self.dir) {
+                tracing::error!(%error, vmm = %self.dir.display(), "the previous VMM of this directory is stuck");
+            }
         }
-        let path = self.dir.join("vmm.json");
-        std::fs::write(&path, config.to_string()).map_err(write_error(&path))?;
-        let log_path = self.dir.join("vmm.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(write_error(&log_path))?;
+        vm_dir::prepare(&self.dir)?;
+        for socket in [CONTROL_SOCKET, VSOCK_SOCKET] {
+            vm_dir::unlink(&self.dir.join(socket))?;
+        }
+        let mut config = config.clone();
+        for bind in config["jail"]["binds"].as_array().into_iter().flatten() {
+            let source = Path::new(bind["source"].as_str().unwrap_or_default());
+            vm_dir::readable_by_others(source).map_err(VmProcessError::Unreadable)?;
+        }
+        let lease = uid_slots::lease()?;
+        let jail = &mut config["jail"];
+        jail["root"] = self.jail_dir().display().to_string().into();
+        jail["uid"] = lease.uid().into();
+        jail["gid"] = lease.uid().into();
+        jail["cgroup_procs"] = serde_json::json!(cgroup.map(Cgroup::procs_files).unwrap_or_default());
+        // The uid's lock, so the slot stays taken while the VMM lives.
+        jail["keep_fds"] = serde_json::json!([3]);
+        let config_path = self.dir.join("vmm.json");
+        vm_dir::write_private(&config_path, config.to_string().as_bytes())?;
+        let log = vm_dir::open_log(&self.dir.join("vmm.log"))?;
+        vm_dir::chown_tree(&self.jail_dir(), lease.uid(), lease.uid())?;
         let spawn_error = |source| VmProcessError::Spawn { launcher: launcher.to_path_buf(), source };
         let (lifeline_read, lifeline) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| spawn_error(std::io::Error::from(errno)))?;
-        let child = Command::new(launcher)
-            .arg("vmm")
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::from(lifeline_read))
-            .stdout(log.try_clone().map_err(write_error(&log_path))?)
-            .stderr(log)
-            .spawn()
-            .map_err(spawn_error)?;
-        let running = Running { child, _lifeline: lifeline };
-        for procs in cgroup.map(Cgroup::procs_files).unwrap_or_default() {
-            if let Err(error) = std::fs::write(&procs, running.child.id().to_string()) {
-                running.kill();
-                return Err(VmProcessError::Cgroup(format!("{}: {error}", procs.display())));
-            }
-        }
-        *self.lock() = Some(running);
+        let args = [OsStr::new("vmm"), OsStr::new("--config"), config_path.as_os_str()];
+        let fds = [lifeline_read.as_fd(), log.as_fd(), log.as_fd(), lease.lock()];
+        let child = VmmChild::spawn(launcher, &args, fds).map_err(spawn_error)?;
+        *self.lock() = Some(Running { child, lease, _lifeline: lifeline, linked: HashSet::new(), exit_reported: false });
         Ok(())
+    }
+
+    /// The link to the VMM's socket `name`, made once the VMM has created
+    /// it; None until then.
+    fn socket(&self, name: &'static str) -> Result<Option<PathBuf>, VmProcessError> {
+        let mut running = self.lock();
+        let running = running.as_mut().ok_or_else(|| VmProcessError::NotRunning(self.dir.clone()))?;
+        if running.linked.contains(name) {
+            return Ok(Some(self.dir.join(name)));
+        }
+        let link = vm_dir::link_socket(&self.dir, name, running.lease.uid())?;
+        if link.is_some() {
+            running.linked.insert(name);
+        }
+        Ok(link)
     }
 
     /// Waits for the agent's hello, giving up early when the VMM exits,
     /// and reporting every few seconds through `progress`.
     pub async fn wait_for_agent(&self, timeout: Duration, progress: &(dyn Fn(&str) + Sync)) -> Result<AgentClient<Channel>, String> {
         let started = Instant::now();
-        let hello = agent_client::wait_for_hello(self.agent_address(), timeout);
+        let uds = self.wait_for_socket(VSOCK_SOCKET, timeout).await?;
+        let left = timeout.saturating_sub(started.elapsed());
+        let hello = agent_client::wait_for_hello(AgentAddress::Vsock { uds, port: AGENT_PORT }, left);
         tokio::pin!(hello);
         let mut reported = Instant::now();
         loop {
@@ -196,24 +304,38 @@ impl VmProcess {
         }
     }
 
-    /// Sends one control request and returns the reply.
-    pub fn control(&self, request: serde_json::Value) -> Result<serde_json::Value, VmProcessError> {
-        let timeout = if request["op"] == "snapshot" { SNAPSHOT_TIMEOUT } else { CONTROL_TIMEOUT };
-        self.control_within(request, timeout)
+    /// Waits until the VMM has created its socket `name` and returns its link.
+    async fn wait_for_socket(&self, name: &'static str, timeout: Duration) -> Result<PathBuf, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(link) = self.socket(name).map_err(|e| format!("{e}; {}", self.diagnostics()))? {
+                return Ok(link);
+            }
+            if !self.is_alive() {
+                return Err(format!("the VMM exited before it opened {name}; {}", self.diagnostics()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("the VMM did not open {name} within {timeout:?}; {}", self.diagnostics()));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
-    fn control_within(&self, request: serde_json::Value, timeout: Duration) -> Result<serde_json::Value, VmProcessError> {
+    /// Sends one control request and returns the reply. A VMM that does
+    /// not answer in time is killed and reported with its threads' states.
+    pub fn control(&self, request: serde_json::Value) -> Result<serde_json::Value, VmProcessError> {
+        let timeout = if request["op"] == "snapshot" { SNAPSHOT_TIMEOUT } else { CONTROL_TIMEOUT };
         let op = request["op"].as_str().unwrap_or("?").to_string();
-        let failed = |reason: String| VmProcessError::Control { op: op.clone(), reason };
-        let stream = UnixStream::connect(self.dir.join("control.sock")).map_err(|e| failed(e.to_string()))?;
-        stream.set_read_timeout(Some(timeout)).map_err(|e| failed(e.to_string()))?;
-        writeln!(&stream, "{request}").map_err(|e| failed(e.to_string()))?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).map_err(|e| failed(e.to_string()))?;
-        let reply: serde_json::Value = serde_json::from_str(&line).map_err(|e| failed(format!("{e} in {line:?}")))?;
-        match reply["ok"].as_bool() {
-            Some(true) => Ok(reply),
-            _ => Err(VmProcessError::Refused { op, reason: reply["error"].as_str().unwrap_or("no reason given").to_string() }),
+        match self.request(&request, timeout) {
+            Err(Failure::TimedOut) => {
+                let threads = self.kill_stuck();
+                Err(VmProcessError::Stuck { op, waited: timeout, threads })
+            }
+            Err(Failure::Other(reason)) => Err(VmProcessError::Control { op, reason }),
+            Ok(reply) => match reply["ok"].as_bool() {
+                Some(true) => Ok(reply),
+                _ => Err(VmProcessError::Refused { op, reason: reply["error"].as_str().unwrap_or("no reason given").to_string() }),
+            },
         }
     }
 
@@ -222,43 +344,105 @@ impl VmProcess {
         self.control(serde_json::json!({ "op": op }))
     }
 
+    /// One request and its reply line, all within `timeout`.
+    fn request(&self, request: &serde_json::Value, timeout: Duration) -> Result<serde_json::Value, Failure> {
+        let deadline = Instant::now() + timeout;
+        let path = self
+            .socket(CONTROL_SOCKET)
+            .map_err(|e| Failure::Other(e.to_string()))?
+            .ok_or_else(|| Failure::Other("the VMM has not opened its control socket".into()))?;
+        let mut stream = connect_within(&path, timeout)?;
+        stream.set_write_timeout(Some(timeout)).map_err(Failure::io)?;
+        writeln!(stream, "{request}").map_err(Failure::io)?;
+        let mut reply = Vec::new();
+        while !reply.ends_with(b"\n") {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::TimedOut);
+            }
+            stream.set_read_timeout(Some(left)).map_err(Failure::io)?;
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err(Failure::Other("the VMM closed the connection without a reply".into())),
+                Ok(count) => reply.extend_from_slice(&chunk[..count]),
+                Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(Failure::TimedOut)
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(Failure::io(error)),
+            }
+            if reply.len() > MAX_REPLY {
+                return Err(Failure::Other(format!("the VMM's reply exceeds {MAX_REPLY} bytes")));
+            }
+        }
+        serde_json::from_slice(&reply).map_err(|e| Failure::Other(format!("{e} in {:?}", String::from_utf8_lossy(&reply))))
+    }
+
     /// Whether the VMM still runs; says why when it died (a seccomp
     /// violation kills it with SIGSYS).
     pub fn is_alive(&self) -> bool {
         let mut running = self.lock();
         let Some(process) = running.as_mut() else { return false };
-        match process.child.try_wait() {
-            Ok(None) => true,
-            Ok(Some(status)) if status.signal() == Some(libc::SIGSYS) => {
+        let status = match process.child.try_wait() {
+            Ok(None) => return true,
+            Ok(Some(status)) => status,
+            Err(_) => return false,
+        };
+        if !std::mem::replace(&mut process.exit_reported, true) {
+            if status.signal() == Some(libc::SIGSYS) {
                 tracing::error!(vmm = %self.dir.display(), "the VMM was killed by its seccomp filter (SIGSYS)");
-                false
-            }
-            Ok(Some(status)) => {
+            } else {
                 tracing::warn!(vmm = %self.dir.display(), %status, "the VMM exited");
-                false
             }
-            Err(_) => false,
         }
+        false
+    }
+
+    /// Kills a VMM that stopped answering; returns its threads' states
+    /// from before the kill.
+    fn kill_stuck(&self) -> String {
+        let Some(running) = self.lock().take() else { return "none (the VMM had exited)".into() };
+        let threads = running.child.thread_states();
+        tracing::error!(vmm = %self.dir.display(), %threads, "killing a VMM that stopped answering");
+        if let Err(error) = end(running, &self.dir) {
+            tracing::error!(%error, vmm = %self.dir.display(), "the stuck VMM does not die");
+        }
+        threads
     }
 
     /// Ends the VMM process: records its userfaultfd figures, asks it to
-    /// shut down, then makes sure. The directory stays.
-    pub fn stop(&self) {
+    /// shut down, then makes sure, within seconds. The directory stays.
+    pub fn stop(&self) -> Result<(), VmProcessError> {
         if self.is_alive() {
-            if let Ok(stats) = self.control_within(serde_json::json!({ "op": "stats" }), STOP_TIMEOUT) {
+            if let Ok(stats) = self.request(&serde_json::json!({ "op": "stats" }), STOP_TIMEOUT) {
                 record_uffd_stats(&stats);
             }
-            let _ = self.control_within(serde_json::json!({ "op": "shutdown" }), STOP_TIMEOUT);
+            if self.request(&serde_json::json!({ "op": "shutdown" }), STOP_TIMEOUT).is_ok() {
+                if let Some(running) = self.lock().as_mut() {
+                    let _ = running.child.wait_timeout(STOP_TIMEOUT);
+                }
+            }
         }
-        if let Some(running) = self.lock().take() {
-            running.kill();
+        match self.lock().take() {
+            Some(running) => end(running, &self.dir),
+            None => Ok(()),
         }
     }
 
     /// The last lines of the VMM's log and of the guest's serial console,
-    /// for error messages.
+    /// and, while the VMM runs, its threads' states, for error messages.
     pub fn diagnostics(&self) -> String {
-        format!("VMM log: {}; last console lines: {}", tail(&self.dir.join("vmm.log"), 3), tail(&self.dir.join("serial.log"), 5))
+        let logs = format!(
+            "VMM log: {}; last console lines: {}",
+            vm_dir::tail(&self.dir.join("vmm.log"), 3),
+            vm_dir::tail(&self.jail_dir().join("serial.log"), 5)
+        );
+        let mut running = self.lock();
+        let Some(running) = running.as_mut() else { return logs };
+        match running.child.try_wait() {
+            Ok(None) => format!("{logs}; VMM threads: {}", running.child.thread_states()),
+            _ => logs,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
@@ -266,15 +450,73 @@ impl VmProcess {
     }
 }
 
-/// The last `lines` lines of a text file, joined with " | ".
-fn tail(path: &Path, lines: usize) -> String {
-    super::super::last_lines(&std::fs::read_to_string(path).unwrap_or_default(), lines)
+/// Why a control request got no reply.
+enum Failure {
+    TimedOut,
+    Other(String),
+}
+
+impl Failure {
+    fn io(error: std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Failure::TimedOut,
+            _ => Failure::Other(error.to_string()),
+        }
+    }
+}
+
+/// Connects to a unix socket, waiting at most `timeout` (a VMM that stopped
+/// accepting fills its backlog, and connect then blocks).
+fn connect_within(path: &Path, timeout: Duration) -> Result<UnixStream, Failure> {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+    let other = |e: nix::errno::Errno| Failure::io(e.into());
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
+    let limit = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros().into());
+    setsockopt(&fd, sockopt::SendTimeout, &limit).map_err(other)?;
+    let address = UnixAddr::new(path).map_err(other)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &address) {
+        Err(nix::errno::Errno::EAGAIN) => Err(Failure::TimedOut),
+        Err(errno) => Err(other(errno)),
+        Ok(()) => Ok(UnixStream::from(fd)),
+    }
+}
+
+/// Kills the VMM unless it has exited, and reaps it within KILL_TIMEOUT;
+/// then its jail is root's again and its uid free. A VMM that does not die
+/// (stuck in uninterruptible sleep) is reported with its threads' states
+/// and left to a thread that reaps it whenever it dies, releasing its uid.
+fn end(mut running: Running, dir: &Path) -> Result<(), VmProcessError> {
+    if matches!(running.child.try_wait(), Ok(None)) {
+        if let Err(error) = running.child.kill() {
+            tracing::warn!(%error, vmm = %dir.display(), "cannot send SIGKILL to the VMM");
+        }
+    }
+    match running.child.wait_timeout(KILL_TIMEOUT) {
+        Ok(Some(_)) => {
+            drop(running);
+            vm_dir::chown_tree(&dir.join(JAIL), 0, 0).map_err(VmProcessError::from)
+        }
+        Ok(None) | Err(_) => {
+            let (pid, threads) = (running.child.pid(), running.child.thread_states());
+            let vmm = dir.display().to_string();
+            let reaper = std::thread::Builder::new().name(format!("reap-vmm-{pid}")).spawn(move || {
+                let status = running.child.wait_forever();
+                tracing::warn!(%vmm, ?status, "a VMM reported stuck has died; its uid is free");
+            });
+            if let Err(error) = reaper {
+                tracing::error!(%error, "cannot start a thread to reap a stuck VMM; it stays a zombie");
+            }
+            Err(VmProcessError::Unkillable { pid, threads })
+        }
+    }
 }
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
         if let Some(running) = self.lock().take() {
-            running.kill();
+            if let Err(error) = end(running, &self.dir) {
+                tracing::error!(%error, vmm = %self.dir.display(), "a dropped VMM is stuck");
+            }
         }
     }
 }
