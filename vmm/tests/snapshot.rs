@@ -6,13 +6,19 @@
 //! snapshot is refused. A snapshot of each memory backing (a fresh VM's
 //! memfd, a MAP_PRIVATE clone, a uffd clone) writes the pages that hold
 //! data and nothing else, faults in none of the untouched memory, and
-//! restores to the exact bytes.
+//! restores to the exact bytes; so does a `sandboxd vmm` process (this
+//! binary re-run as a child) under its seccomp filter.
 
 mod support;
 
 use std::{
-    os::unix::fs::{FileExt, MetadataExt},
+    io::{BufRead, BufReader, Write},
+    os::unix::{
+        fs::{FileExt, MetadataExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
+    process::{Child, Command},
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
@@ -369,5 +375,97 @@ fn clone_snapshot_is_sparse_and_exact(name: &str, mode: fn() -> RestoreMode) {
         snapshot_is_sparse_and_exact(&clone, &dir.join("clone"), CLONE_DATA_PAGES);
         clone.stop();
         std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Where guest memory above the payload's image, stack and go flag starts.
+const ABOVE_IMAGE: usize = 8 << 20;
+
+/// Set in a child run of this binary: the VMM configuration it runs.
+const VMM_CHILD_CONFIG: &str = "SANDBOXD_SNAPSHOT_TEST_VMM";
+
+#[test]
+fn a_vmm_process_snapshots_its_clones_under_its_seccomp_filter() {
+    if let Ok(config) = std::env::var(VMM_CHILD_CONFIG) {
+        let config = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+        sandbox_vmm::process::run(config).expect("the VMM runs");
+        return;
+    }
+    let dir = temp_dir("vmm-process");
+    let mut template_vm = paused_sparse_boot();
+    let template = snapshot_is_sparse_and_exact(&template_vm, &dir.join("template"), BOOT_DATA_PAGES);
+    template_vm.stop();
+    for memory in ["map_private", "uffd"] {
+        let clone_dir = dir.join(memory);
+        std::fs::create_dir_all(clone_dir.join("snapshot")).unwrap();
+        let socket = clone_dir.join("control.sock");
+        let config = serde_json::json!({
+            "restore": { "snapshot_dir": dir.join("template"), "memory": memory },
+            "serial_log": clone_dir.join("serial.log"),
+            "control_socket": socket,
+        });
+        let config_path = clone_dir.join("vmm.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let mut child = spawn_vmm_child(&config_path);
+        let mut control = connect_with_deadline(&socket);
+        let reply = control.request(&serde_json::json!({ "op": "snapshot", "dir": clone_dir.join("snapshot") }));
+        assert_eq!(reply["ok"], true, "the {memory} clone was snapshotted: {reply}");
+        control.request(&serde_json::json!({ "op": "shutdown" }));
+        assert!(exit_with_deadline(&mut child).success(), "the {memory} VMM exited cleanly");
+        // The clone only spun on its go flag: above its image (whose page
+        // tables' accessed bits may change), its memory is the template's.
+        let written_path = clone_dir.join("snapshot").join("memory");
+        let (written, original) = (std::fs::read(&written_path).unwrap(), std::fs::read(&template.memory).unwrap());
+        assert_eq!(written.len(), original.len());
+        assert!(written[ABOVE_IMAGE..] == original[ABOVE_IMAGE..], "the {memory} clone's memory file differs from its template's");
+        let pages = std::fs::metadata(&written_path).unwrap().blocks() * 512 / PAGE;
+        assert!((BOOT_DATA_PAGES..=BOOT_DATA_PAGES + BASELINE_PAGES).contains(&pages), "the {memory} clone's memory file holds {pages} pages");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn spawn_vmm_child(config: &Path) -> Child {
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", "a_vmm_process_snapshots_its_clones_under_its_seccomp_filter", "--nocapture", "--test-threads=1"])
+        .env(VMM_CHILD_CONFIG, config)
+        .spawn()
+        .expect("start the VMM child")
+}
+
+fn exit_with_deadline(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the VMM child did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A VMM's control connection: one JSON request, one reply line.
+struct Control(BufReader<UnixStream>);
+
+impl Control {
+    fn request(&mut self, request: &serde_json::Value) -> serde_json::Value {
+        writeln!(self.0.get_mut(), "{request}").expect("send a control request");
+        let mut line = String::new();
+        self.0.read_line(&mut line).expect("read a control reply");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("a JSON reply to {request}, not {line:?}: {e}"))
+    }
+}
+
+fn connect_with_deadline(socket: &Path) -> Control {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(stream) = UnixStream::connect(socket) {
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            return Control(BufReader::new(stream));
+        }
+        assert!(std::time::Instant::now() < deadline, "the VMM's control socket {} did not appear within {WAIT:?}", socket.display());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -14,7 +14,10 @@
 //!   copied with `pread`, never faulting the clone's mapping in.
 //!
 //! Zero pages among those are left as holes too. A jailed VMM has no
-//! `/proc`: it calls [`keep_page_map`] before it enters its jail.
+//! `/proc`: it calls [`keep_page_map`] while entering its jail, once it has
+//! closed inherited descriptors and before it pivots away from `/proc`.
+//! Pages a userfaultfd guest's memory dropped (EVENT_REMOVE, which would
+//! read back as zeros) are not tracked here: nothing drops guest pages.
 
 use std::{
     fs::{File, OpenOptions},
@@ -37,6 +40,11 @@ const PAGEMAP_BATCH: u64 = 32 * 1024;
 /// Bytes copied from a backing file per pread.
 const COPY_CHUNK: u64 = 1 << 20;
 
+const PAGE_MAP_PATH: &str = "/proc/self/pagemap";
+/// Physical frame number bits of a present page's pagemap entry.
+#[cfg(test)]
+const PAGEMAP_FRAME: u64 = (1 << 55) - 1;
+
 static PAGE_MAP: OnceLock<File> = OnceLock::new();
 
 #[derive(Debug, thiserror::Error)]
@@ -49,24 +57,83 @@ pub enum MemoryFileError {
     Backing { offset: u64, source: std::io::Error },
     #[error(
         "cannot read /proc/self/pagemap to find the pages a restored VM holds: {0}; \
-         a VMM without /proc (jailed) must call snapshot::keep_page_map() before it enters its jail"
+         a VMM without /proc (jailed) must call snapshot::keep_page_map() while entering its jail, before it pivots"
     )]
     PageMap(std::io::Error),
+    #[error("cannot lower CAP_SYS_ADMIN to open pagemap without physical frame numbers: {0}")]
+    Capabilities(std::io::Error),
 }
 
 /// Opens this process's `/proc/self/pagemap` and keeps it for every later
-/// snapshot: a VMM calls it before it enters a jail that has no `/proc`.
+/// snapshot: a VMM calls it while entering a jail without `/proc` (after the
+/// jail closed inherited descriptors, before it pivots), before any seccomp
+/// filter is on. It is opened with CAP_SYS_ADMIN out of the
+/// effective set, so that the kept descriptor never shows physical frame
+/// numbers, even to a VMM that later turns hostile.
 pub fn keep_page_map() -> Result<(), MemoryFileError> {
     if PAGE_MAP.get().is_none() {
-        let file = File::open("/proc/self/pagemap").map_err(MemoryFileError::PageMap)?;
+        let file = without_sys_admin(|| File::open(PAGE_MAP_PATH))?.map_err(MemoryFileError::PageMap)?;
         let _ = PAGE_MAP.set(file);
     }
     Ok(())
 }
 
+/// The kept pagemap, or (a VMM that is not jailed, which can open it
+/// anyway) a fresh one.
 fn page_map() -> Result<&'static File, MemoryFileError> {
-    keep_page_map()?;
-    PAGE_MAP.get().ok_or_else(|| MemoryFileError::PageMap(std::io::ErrorKind::NotFound.into()))
+    if let Some(file) = PAGE_MAP.get() {
+        return Ok(file);
+    }
+    let file = File::open(PAGE_MAP_PATH).map_err(MemoryFileError::PageMap)?;
+    Ok(PAGE_MAP.get_or_init(|| file))
+}
+
+/// capget/capset's header and per-32-capabilities data (version 3).
+#[repr(C)]
+struct CapabilityHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapabilitySet {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+/// The capability whose holder reads physical frame numbers in pagemap.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Runs `open` with CAP_SYS_ADMIN out of this thread's effective set (a
+/// file keeps its opener's credentials), then puts it back.
+fn without_sys_admin<T>(open: impl FnOnce() -> T) -> Result<T, MemoryFileError> {
+    let mut held = [CapabilitySet::default(); 2];
+    capabilities(libc::SYS_capget, &mut held)?;
+    if held[0].effective & (1 << CAP_SYS_ADMIN) == 0 {
+        return Ok(open());
+    }
+    let mut lowered = held;
+    lowered[0].effective &= !(1 << CAP_SYS_ADMIN);
+    capabilities(libc::SYS_capset, &mut lowered)?;
+    let opened = open();
+    capabilities(libc::SYS_capset, &mut held)?;
+    Ok(opened)
+}
+
+/// capget or capset of the calling thread.
+fn capabilities(call: libc::c_long, sets: &mut [CapabilitySet; 2]) -> Result<(), MemoryFileError> {
+    let mut header = CapabilityHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    // SAFETY: a version-3 header and two capability sets, both alive on
+    // this stack, are what capget fills and capset reads.
+    let result = unsafe { libc::syscall(call, &mut header as *mut CapabilityHeader, sets.as_mut_ptr()) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(MemoryFileError::Capabilities(std::io::Error::last_os_error()))
+    }
 }
 
 /// Writes guest RAM to `path` and returns its size. `source` is the file
@@ -348,6 +415,20 @@ mod tests {
         }
         let private = private_pages(page_map().unwrap(), base as u64, 16 * PAGE_SIZE).unwrap();
         assert_eq!(private, vec![PAGE_SIZE..3 * PAGE_SIZE, 7 * PAGE_SIZE..8 * PAGE_SIZE]);
+    }
+
+    #[test]
+    fn a_kept_page_map_shows_no_physical_frames() {
+        let (memory, _file) = create_guest_memory(4 * PAGE_SIZE).unwrap();
+        let region = memory.iter().next().unwrap();
+        // SAFETY: the first page lies inside the region.
+        unsafe { region.as_ptr().write(1) };
+        let page_map = without_sys_admin(|| File::open(PAGE_MAP_PATH)).unwrap().unwrap();
+        let mut entry = [0u8; 8];
+        page_map.read_exact_at(&mut entry, region.as_ptr() as u64 / PAGE_SIZE * 8).unwrap();
+        let entry = u64::from_ne_bytes(entry);
+        assert_ne!(entry & PAGEMAP_PRESENT, 0, "the written page is present");
+        assert_eq!(entry & PAGEMAP_FRAME, 0, "no frame number through the kept descriptor");
     }
 
     #[test]
