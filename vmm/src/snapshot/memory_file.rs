@@ -41,9 +41,6 @@ const PAGEMAP_BATCH: u64 = 32 * 1024;
 const COPY_CHUNK: u64 = 1 << 20;
 
 const PAGE_MAP_PATH: &str = "/proc/self/pagemap";
-/// Physical frame number bits of a present page's pagemap entry.
-#[cfg(test)]
-const PAGEMAP_FRAME: u64 = (1 << 55) - 1;
 
 static PAGE_MAP: OnceLock<File> = OnceLock::new();
 
@@ -67,9 +64,9 @@ pub enum MemoryFileError {
 /// Opens this process's `/proc/self/pagemap` and keeps it for every later
 /// snapshot: a VMM calls it while entering a jail without `/proc` (after the
 /// jail closed inherited descriptors, before it pivots), before any seccomp
-/// filter is on. It is opened with CAP_SYS_ADMIN out of the
-/// effective set, so that the kept descriptor never shows physical frame
-/// numbers, even to a VMM that later turns hostile.
+/// filter is on. It is opened with CAP_SYS_ADMIN out of the effective set,
+/// so that the kept descriptor never shows physical frame numbers, even to
+/// a VMM that later turns hostile.
 pub fn keep_page_map() -> Result<(), MemoryFileError> {
     if PAGE_MAP.get().is_none() {
         let file = without_sys_admin(|| File::open(PAGE_MAP_PATH))?.map_err(MemoryFileError::PageMap)?;
@@ -374,6 +371,9 @@ mod tests {
 
     use super::*;
     use crate::vstate::memory::{create_guest_memory, map_file};
+
+    /// Physical frame number bits of a present page's pagemap entry.
+    const PAGEMAP_FRAME: u64 = (1 << 55) - 1;
 
     #[test]
     fn subtract_cuts_ranges_across_and_inside() {
