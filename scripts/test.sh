@@ -12,6 +12,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The guest kernel for the Linux boot smoke test (cached after the first build).
 SANDBOXD_KERNEL_DIR=$(kernel-config/build.sh)
 export SANDBOXD_KERNEL_DIR SANDBOXD_REQUIRE_KERNEL=1
+# The guest root image: jails mount it read-only as / (microVMs boot it).
+SANDBOXD_GUEST_IMAGE_DIR=$(scripts/guest-image.sh)
+export SANDBOXD_GUEST_IMAGE_DIR
 
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
@@ -20,4 +23,4 @@ SANDBOXD_BIN="$PWD/target/debug/sandboxd" target/pyenv/bin/python -m pytest -q t
 # The Linux-guest suite (SANDBOXD_E2E_KVM=1) on a nested host with emulated
 # AMD-V, since this machine's own /dev/kvm cannot boot Linux guests.
 tests/nested/run.sh > target/nested.log 2>&1 || { tail -n 60 target/nested.log; exit 1; }
-grep -E "microVM (Create|Resume)|sandboxd template build|template ready|NESTED-RESULT|NESTED-HOST-OOPS|nested run took" target/nested.log
+grep -E "microVM (Create|Resume)|sandboxd template build|template ready|NESTED-RESULT|NESTED-HOST-(OOPS|WEDGE)|NESTED-TIMEOUT|TEST-DEADLINE|nested run took" target/nested.log

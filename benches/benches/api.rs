@@ -1,7 +1,8 @@
 //! API latency on the jail backend, through the real daemon and a real
 //! gRPC client: the round trip of `Exec true` on a warm sandbox (with
-//! p50/p99 of a fixed run), and Create from the warm pool against Create
-//! with the pool disabled, side by side in one run.
+//! p50/p99 of a fixed run), and Create from the warm pool (with p50/p99 of
+//! a fixed run) against Create with the pool disabled, side by side in one
+//! run.
 //!
 //! Build the binaries first: `cargo build -p sandboxd -p sandbox-agent`.
 
@@ -50,9 +51,14 @@ fn print_percentiles(rt: &Runtime, api: &mut Clients, id: &str, runs: usize) {
         }
         samples
     });
+    report("exec_true_round_trip", &mut samples);
+}
+
+/// Prints the p50 and p99 of `samples`.
+fn report(name: &str, samples: &mut [Duration]) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    println!("exec_true_round_trip over {runs} runs: p50 {:?}  p99 {:?}", at(0.5), at(0.99));
+    println!("{name} over {} runs: p50 {:?}  p99 {:?}", samples.len(), at(0.5), at(0.99));
 }
 
 fn create_pool_vs_cold(c: &mut Criterion) {
@@ -61,7 +67,10 @@ fn create_pool_vs_cold(c: &mut Criterion) {
     group.sample_size(10).measurement_time(Duration::from_secs(20));
     for (label, pool_size) in [("warm_pool", 4), ("cold", 0)] {
         let daemon = rt.block_on(Daemon::start(DaemonOptions { pool_size, ..Default::default() }));
-        let api = rt.block_on(daemon.clients(None));
+        let mut api = rt.block_on(daemon.clients(None));
+        if pool_size > 0 {
+            print_create_percentiles(&rt, &mut api, 40);
+        }
         group.bench_function(label, |b| {
             b.to_async(&rt).iter_custom(|iterations| {
                 let mut api = Clients::new_from(&api);
@@ -85,6 +94,23 @@ fn create_pool_vs_cold(c: &mut Criterion) {
         drop(daemon);
     }
     group.finish();
+}
+
+/// Percentiles of Creates from a warm pool, each after a pause that lets
+/// the pool refill.
+fn print_create_percentiles(rt: &Runtime, api: &mut Clients, runs: usize) {
+    let mut samples: Vec<Duration> = rt.block_on(async {
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let started = Instant::now();
+            let id = api.create(None).await;
+            samples.push(started.elapsed());
+            api.sandboxes.delete(DeleteSandboxRequest { id }).await.expect("delete");
+        }
+        samples
+    });
+    report("create_warm_pool", &mut samples);
 }
 
 criterion_group!(benches, exec_round_trip, create_pool_vs_cold);

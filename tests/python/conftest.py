@@ -58,7 +58,8 @@ def daemon():
     env = {k: v for k, v in os.environ.items() if k != "SANDBOXD_API_KEYS"}
     proc = subprocess.Popen(
         [binary, "serve", "--backend", "jail", "--listen", f"127.0.0.1:{port}", "--state-dir", state_dir,
-         "--metrics-listen", "off", "--pool-size", "1"],
+         "--metrics-listen", "off", "--pool-size", "1",
+         "--rootfs-image", os.path.join(os.environ["SANDBOXD_GUEST_IMAGE_DIR"], "rootfs.ext4")],
         env=env,
     )
     target = f"127.0.0.1:{port}"

@@ -1,5 +1,6 @@
 //! Test support: starts the real `sandboxd` binary on a free loopback port
-//! with a private state directory, and builds authenticated gRPC clients.
+//! with a private state directory, and builds authenticated gRPC clients
+//! (with the daemon's generated admin key unless the test set keys).
 
 use std::{
     net::TcpListener,
@@ -64,6 +65,35 @@ pub struct Daemon {
     pub endpoint: String,
     pub state_dir: PathBuf,
     metrics_addr: Option<String>,
+    /// The key `clients(None)` sends: the admin key the daemon generated
+    /// in STATE_DIR/api-key when the test set no keys.
+    pub admin_key: Option<String>,
+    launch: Launch,
+}
+
+/// How to start this daemon (again).
+struct Launch {
+    args: Vec<std::ffi::OsString>,
+    api_keys: Option<String>,
+}
+
+impl Launch {
+    fn spawn(&self) -> Child {
+        let mut command = Command::new(binary("sandboxd"));
+        command.args(&self.args).env_remove("SANDBOXD_API_KEYS").stdin(Stdio::null());
+        if let Some(keys) = &self.api_keys {
+            command.env("SANDBOXD_API_KEYS", keys);
+        }
+        command.spawn().expect("start sandboxd")
+    }
+}
+
+/// The guest root image that jails mount as `/` (and microVMs boot):
+/// `$SANDBOXD_GUEST_IMAGE_DIR/rootfs.ext4`, built by scripts/guest-image.sh.
+pub fn guest_root_image() -> PathBuf {
+    let dir = std::env::var_os("SANDBOXD_GUEST_IMAGE_DIR")
+        .expect("set SANDBOXD_GUEST_IMAGE_DIR=$(scripts/guest-image.sh): jails mount the guest root image as /");
+    PathBuf::from(dir).join("rootfs.ext4")
 }
 
 impl Daemon {
@@ -73,25 +103,35 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
         let metrics_addr = options.metrics.then(|| format!("127.0.0.1:{}", free_port()));
-        let mut command = Command::new(binary("sandboxd"));
-        command
-            .args(["serve", "--backend", options.backend, "--metrics-listen", metrics_addr.as_deref().unwrap_or("off")])
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--pool-size")
-            .arg(options.pool_size.to_string())
-            .args(&options.extra_args)
-            .env_remove("SANDBOXD_API_KEYS")
-            .stdin(Stdio::null());
-        if let Some(keys) = &options.api_keys {
-            command.env("SANDBOXD_API_KEYS", keys);
+        let mut args: Vec<std::ffi::OsString> = ["serve", "--backend", options.backend, "--metrics-listen", metrics_addr.as_deref().unwrap_or("off")]
+            .iter()
+            .map(Into::into)
+            .collect();
+        args.extend(["--listen".into(), format!("127.0.0.1:{port}").into(), "--state-dir".into(), state_dir.clone().into()]);
+        args.extend(["--pool-size".into(), options.pool_size.to_string().into()]);
+        if options.backend == "jail" && !options.extra_args.iter().any(|arg| arg == "--rootfs-image") {
+            args.extend(["--rootfs-image".into(), guest_root_image().into()]);
         }
-        let child = command.spawn().expect("start sandboxd");
-        let daemon = Daemon { child, endpoint: format!("http://127.0.0.1:{port}"), state_dir, metrics_addr };
+        args.extend(options.extra_args.iter().map(Into::into));
+        let launch = Launch { args, api_keys: options.api_keys.clone() };
+        let child = launch.spawn();
+        let mut daemon =
+            Daemon { child, endpoint: format!("http://127.0.0.1:{port}"), state_dir, metrics_addr, admin_key: None, launch };
         daemon.wait_until_serving(options.start_timeout).await;
+        if options.api_keys.is_none() {
+            let key = std::fs::read_to_string(daemon.state_dir.join("api-key")).expect("the daemon wrote STATE_DIR/api-key");
+            daemon.admin_key = Some(key.trim().to_string());
+        }
         daemon
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up of its own), waits for
+    /// it, and starts it again on the same state directory and port.
+    pub async fn kill_and_restart(&mut self, timeout: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = self.launch.spawn();
+        self.wait_until_serving(timeout).await;
     }
 
     async fn wait_until_serving(&self, timeout: Duration) {
@@ -111,9 +151,10 @@ impl Daemon {
         Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.expect("connect to sandboxd")
     }
 
-    /// Clients that send `key` (if any) as a bearer token.
+    /// Clients that send `key` as a bearer token; `None`: the admin key, if
+    /// the daemon generated one.
     pub async fn clients(&self, key: Option<&str>) -> Clients {
-        Clients::new(self.channel().await, key)
+        Clients::new(self.channel().await, key.or(self.admin_key.as_deref()))
     }
 
     /// The daemon's audit log.
@@ -130,6 +171,11 @@ impl Daemon {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut stream, &mut text).ok()?;
         text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the daemon process is still running.
