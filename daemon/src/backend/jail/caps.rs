@@ -10,9 +10,9 @@ pub enum CapsError {
     Set(std::io::Error),
 }
 
-/// Capabilities a jail's root keeps: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
-/// KILL, SETGID, SETUID, NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE.
-const KEPT: [u32; 10] = [0, 1, 3, 4, 5, 6, 7, 10, 18, 29];
+/// Capabilities a jail's root keeps (over its own user namespace only):
+/// CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, NET_BIND_SERVICE.
+const KEPT: [u32; 8] = [0, 1, 3, 4, 5, 6, 7, 10];
 
 fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
