@@ -90,6 +90,8 @@ pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
     check_preconditions(jail)?;
     join_cgroups(&jail.cgroup_procs)?;
     close_inherited_fds(&jail.keep_fds)?;
+    // Snapshots of clones find their pages in pagemap, and the jail has no /proc.
+    crate::snapshot::keep_page_map().map_err(|e| os_error("keep open", Path::new("/proc/self/pagemap"))(std::io::Error::other(e)))?;
     let devices = HostDevices::find()?;
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     // SAFETY: unshare takes no pointers; the process is single-threaded.
