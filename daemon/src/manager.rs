@@ -454,7 +454,7 @@ async fn last_words(instance: Box<dyn Instance>) -> (Option<Box<dyn Instance>>, 
         (instance, text)
     });
     match tokio::time::timeout(DIAGNOSTICS_TIMEOUT, read).await {
-        Ok(Ok((instance, text))) => (Some(instance), printable_tail(&text, MAX_STOP_REASON)),
+        Ok(Ok((instance, text))) => (Some(instance), format!("its init exited; last output: {}", printable_tail(&text, MAX_STOP_REASON))),
         Ok(Err(_)) => (None, "its diagnostics could not be read".to_string()),
         Err(_) => (None, format!("its diagnostics were not readable within {DIAGNOSTICS_TIMEOUT:?}")),
     }

@@ -17,7 +17,7 @@ use sandbox_proto::api::{
     files_server::FilesServer, processes_server::ProcessesServer, sandboxes_server::SandboxesServer,
 };
 use prost::Message;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tonic::transport::Server;
 use tower::layer::util::{Identity, Stack};
 
@@ -50,6 +50,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a stop waits for open calls to end before deleting sandboxes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the kernel queues for the accept loop (capped by
+/// net.core.somaxconn).
+const ACCEPT_BACKLOG: u32 = 4096;
 /// File descriptors kept free of API connections, for sandboxes and logs.
 const FD_RESERVE: u64 = 512;
 /// The package of the internal host-guest API, which reflection hides.
@@ -116,9 +119,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     let reaper = tokio::spawn(expire_forever(context.clone()));
 
     let tcp = Arc::new(
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServeError::Listen { what: config.listen.to_string(), source })?,
+        listen_tcp(config.listen).map_err(|source| ServeError::Listen { what: config.listen.to_string(), source })?,
     );
     let unix = Arc::new(private_socket(&config.unix_socket)?);
     tracing::info!(listen = %tcp.local_addr().unwrap_or(config.listen), unix = %config.unix_socket.display(), "serving sandbox.v1");
@@ -170,6 +171,16 @@ fn private_state_dir(dir: &Path) -> Result<(), ServeError> {
     let failed = |source| ServeError::StateDir { path: dir.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(failed)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+}
+
+/// Binds the TCP listener with a deep accept queue, so that a burst of
+/// connections waits for the accept loop instead of being dropped (and
+/// retried by the clients a second later).
+fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Binds the unix socket, readable and writable by the daemon's user only.

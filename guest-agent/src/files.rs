@@ -3,7 +3,8 @@
 //! temporary file beside its target and renamed into place only when the
 //! stream ends cleanly. Both move regular files only: a device, FIFO or
 //! socket is refused before any byte moves (a download opens without
-//! blocking and checks what it opened).
+//! blocking and checks what it opened). What Upload and MakeDir create
+//! belongs to the sandbox user, like what that user's processes create.
 
 use std::{
     io::ErrorKind,
@@ -24,6 +25,9 @@ use tonic::{Status, Streaming};
 
 /// Size of a download chunk.
 const DOWNLOAD_CHUNK: usize = 512 * 1024;
+/// Uid and gid of the sandbox user, who owns what the Files API creates
+/// (the user that Exec runs code as by default).
+const SANDBOX_USER_ID: u32 = 1000;
 
 /// Checks that `path` is absolute, has no NUL and no `..`; returns it.
 pub fn checked_path(path: &str) -> Result<PathBuf, Status> {
@@ -126,12 +130,49 @@ pub async fn remove(path: &Path, recursive: bool) -> Result<(), Status> {
 
 pub async fn make_dir(path: &Path, parents: bool, mode: u32) -> Result<FileInfo, Status> {
     let mode = if mode == 0 { 0o755 } else { mode & 0o7777 };
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(parents).mode(mode);
-    builder.create(path).await.map_err(|e| io_status(path, "create directory", e))?;
-    // The umask narrowed the mode given at creation; apply it as asked.
-    fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).await.map_err(|e| io_status(path, "chmod", e))?;
+    if parents {
+        create_missing_dirs(path, mode).await?;
+    } else {
+        create_dir(path, mode).await?;
+    }
     info(path).await
+}
+
+/// Creates `dir` and its missing parents, each with `mode`.
+async fn create_missing_dirs(dir: &Path, mode: u32) -> Result<(), Status> {
+    let mut missing = Vec::new();
+    for ancestor in dir.ancestors() {
+        if fs::symlink_metadata(ancestor).await.is_ok() {
+            break;
+        }
+        missing.push(ancestor);
+    }
+    for dir in missing.into_iter().rev() {
+        match create_dir(dir, mode).await {
+            // Made meanwhile by another call: fine for `parents`.
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Creates one directory with exactly `mode`, owned by the sandbox user.
+async fn create_dir(dir: &Path, mode: u32) -> Result<(), Status> {
+    fs::DirBuilder::new().mode(mode).create(dir).await.map_err(|e| io_status(dir, "create directory", e))?;
+    // The umask narrowed the mode given at creation; apply it as asked.
+    fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await.map_err(|e| io_status(dir, "chmod", e))?;
+    hand_to_user(dir)
+}
+
+/// Gives `path` (not what it may link to) to the sandbox user, when the
+/// agent runs as root and so creates files as root.
+fn hand_to_user(path: &Path) -> Result<(), Status> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, Some(SANDBOX_USER_ID), Some(SANDBOX_USER_ID)).map_err(|e| io_status(path, "chown", e))
 }
 
 /// What a non-regular file is, for messages.
@@ -212,7 +253,7 @@ pub async fn upload(mut stream: Streaming<UploadRequest>) -> Result<FileInfo, St
     let target = checked_path(&header.path)?;
     refuse_special_target(&target).await?;
     let parent = target.parent().ok_or_else(|| Status::invalid_argument("cannot upload to /: name a file"))?;
-    fs::create_dir_all(parent).await.map_err(|e| io_status(parent, "create directory", e))?;
+    create_missing_dirs(parent, 0o755).await?;
     let staging = Staging::create(&target).await?;
     let mut file = staging.file().await?;
     while let Some(message) = stream.message().await? {
@@ -268,13 +309,15 @@ impl Staging {
     }
 
     async fn file(&self) -> Result<fs::File, Status> {
-        fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&self.temporary)
             .await
-            .map_err(|e| io_status(&self.target, "upload", e))
+            .map_err(|e| io_status(&self.target, "upload", e))?;
+        hand_to_user(&self.temporary)?;
+        Ok(file)
     }
 
     async fn commit(mut self) -> Result<(), Status> {

@@ -1,5 +1,7 @@
 //! The public API end to end on the jail backend: lifecycle, exec, stdin,
-//! timeouts, PTY sessions, file transfer, run-code, delete and TTL expiry.
+//! timeouts, PTY sessions, file transfer, run-code, delete and TTL expiry,
+//! and the daemon's secure defaults (private state, a generated admin key,
+//! audited refusals).
 
 use std::time::Duration;
 
@@ -263,20 +265,22 @@ async fn lifecycle_get_list_pause_resume_delete() {
     let refused = api.exec(&id, &["true"]).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("Resume"));
-    let ticks_file = daemon.state_dir.join("jails").join(&id).join("tmp/ticks");
-    let frozen_at = std::fs::read_to_string(&ticks_file).unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(std::fs::read_to_string(&ticks_file).unwrap(), frozen_at, "a paused sandbox makes no progress");
+    assert_eq!(freezer_states(&id), ["frozen"], "the kernel froze every cgroup of the paused sandbox");
     api.sandboxes.resume(sandbox_proto::api::ResumeSandboxRequest { id: id.clone() }).await.unwrap();
-    let after: u64 = api.sh(&id, "sleep 0.3; cat /tmp/ticks").await.trim().parse().unwrap();
-    assert!(after > frozen_at.trim().parse::<u64>().unwrap(), "a resumed sandbox continues");
+    assert!(freezer_states(&id).iter().all(|state| state == "thawed"));
+    let resumed_at: u64 = api.sh(&id, "cat /tmp/ticks").await.trim().parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while api.sh(&id, "cat /tmp/ticks").await.trim().parse::<u64>().unwrap() <= resumed_at {
+        assert!(tokio::time::Instant::now() < deadline, "a resumed sandbox continues");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     api.sandboxes.delete(DeleteSandboxRequest { id: id.clone() }).await.unwrap();
     let gone = api.sandboxes.get(GetSandboxRequest { id: id.clone() }).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
     assert!(!daemon.state_dir.join("jails").join(&id).exists(), "delete frees the sandbox's state");
     let audit = daemon.audit_log();
-    assert!(audit.lines().any(|l| l.contains(&id) && l.contains("\"Delete\"") && l.contains("\"ok\"")), "{audit}");
+    assert!(audit.lines().any(|l| l.contains(&id) && l.contains("\"Sandboxes.Delete\"") && l.contains("\"ok\"")), "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,7 +299,7 @@ async fn sandboxes_past_their_ttl_are_deleted() {
         }
     }
     // The audit line follows the sandbox's teardown, which may still be running.
-    let audited = || daemon.audit_log().lines().any(|l| l.contains(&id) && l.contains("\"Expire\""));
+    let audited = || daemon.audit_log().lines().any(|l| l.contains(&id) && l.contains("\"Sandboxes.Expire\""));
     while !audited() {
         assert!(tokio::time::Instant::now() < deadline, "no Expire record for {id} in the audit log");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -356,4 +360,92 @@ async fn python_future_imports_and_directory_modes_work() {
         .unwrap()
         .into_inner();
     assert_eq!(dir.mode & 0o777, 0o777, "the mode asked for, not narrowed by the umask");
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_is_private_and_refused_calls_are_audited() {
+    let daemon = Daemon::start(DaemonOptions::default()).await;
+    let state = &daemon.state_dir;
+    assert_eq!(mode(state), 0o700, "STATE_DIR");
+    for file in ["audit.log", "sandboxd.sock", "api-key", "key-id-secret"] {
+        assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+    }
+    let admin_key = daemon.admin_key.clone().expect("a daemon without SANDBOXD_API_KEYS generates an admin key");
+    assert_eq!(admin_key.len(), 64);
+
+    let mut admin = daemon.clients(None).await;
+    let id = admin.create(None).await;
+    let mut anonymous = sandboxd_tests::Clients::new(daemon.channel().await, None);
+    let missing = anonymous.sandboxes.get(GetSandboxRequest { id: id.clone() }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    let mut wrong = sandboxd_tests::Clients::new(daemon.channel().await, Some("not-the-key"));
+    let refused = wrong.files.list(ListRequest { sandbox_id: id.clone(), path: "/tmp".into(), depth: 1 }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    admin.files.list(ListRequest { sandbox_id: id.clone(), path: "/tmp".into(), depth: 1 }).await.unwrap();
+    admin.sandboxes.list(ListSandboxesRequest {}).await.unwrap();
+
+    let audit = daemon.audit_log();
+    let find = |operation: &str, outcome: &str| {
+        audit.lines().find(|line| field(line, "operation") == Some(operation) && field(line, "outcome") == Some(outcome))
+    };
+    let no_key = find("Sandboxes.Get", "Unauthenticated").expect("a call without a key is audited");
+    assert_eq!(field(no_key, "key_id"), Some("-"));
+    assert!(field(no_key, "peer").is_some_and(|peer| peer.starts_with("127.0.0.1:")), "the caller's address: {no_key}");
+    let bad_key = find("Files.List", "Unauthenticated").expect("a call with a wrong key is audited");
+    let tried = field(bad_key, "key_id").unwrap_or_default();
+    let admin_id = find("Files.List", "ok").and_then(|line| field(line, "key_id")).expect("the admin's Files.List");
+    assert!(tried.starts_with("key-") && tried != admin_id, "the wrong key is named by its own id: {bad_key}");
+    assert!(find("Sandboxes.List", "ok").is_some(), "Sandboxes.List and Files.List are told apart");
+    assert!(!audit.contains(&admin_key) && !audit.contains("not-the-key"), "keys never reach the audit log");
+}
+
+/// The value of a string field in one audit line (compact JSON).
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("\"{name}\":\""))? + name.len() + 4;
+    line[start..].split('"').next()
+}
+
+/// The freezer state ("frozen" or "thawed") of each cgroup of sandbox
+/// `id` that has a freezer, deduplicated (cgroup v1 or v2 layout).
+fn freezer_states(id: &str) -> Vec<String> {
+    let mut states = Vec::new();
+    for root in ["/sys/fs/cgroup/freezer/sandboxd", "/sys/fs/cgroup/sandboxd"] {
+        for dir in dirs_named(std::path::Path::new(root), id, 3) {
+            collect_freezer_states(&dir, &mut states);
+        }
+    }
+    states.sort();
+    states.dedup();
+    states
+}
+
+/// Directories called `name` under `root`, at most `depth` levels down.
+fn dirs_named(root: &std::path::Path, name: &str, depth: usize) -> Vec<std::path::PathBuf> {
+    let Ok(children) = std::fs::read_dir(root) else { return Vec::new() };
+    let mut found = Vec::new();
+    for child in children.flatten().map(|c| c.path()).filter(|p| p.is_dir()) {
+        if child.file_name().is_some_and(|n| n == name) {
+            found.push(child);
+        } else if depth > 1 {
+            found.extend(dirs_named(&child, name, depth - 1));
+        }
+    }
+    found
+}
+
+fn collect_freezer_states(dir: &std::path::Path, states: &mut Vec<String>) {
+    let v1 = std::fs::read_to_string(dir.join("freezer.state")).ok().map(|s| s.trim().to_lowercase());
+    let v2 = std::fs::read_to_string(dir.join("cgroup.events")).ok().and_then(|events| {
+        events.lines().find_map(|l| l.strip_prefix("frozen ")).map(|f| if f.trim() == "1" { "frozen" } else { "thawed" }.to_string())
+    });
+    states.extend(v1.or(v2));
+    let Ok(children) = std::fs::read_dir(dir) else { return };
+    for child in children.flatten().filter(|c| c.path().is_dir()) {
+        collect_freezer_states(&child.path(), states);
+    }
 }
