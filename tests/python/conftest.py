@@ -1,6 +1,8 @@
 """Fixtures: Python stubs generated from proto/ with grpcio-tools, and a
-real sandboxd daemon on a free loopback port."""
+real sandboxd daemon on a free loopback port, called with the admin key it
+generates in its state directory."""
 
+import collections
 import os
 import pathlib
 import shutil
@@ -50,8 +52,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, key):
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        metadata = list(details.metadata or []) + [self._header]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
+class RunningDaemon:
+    """Where the daemon listens, its state directory and its admin key."""
+
+    def __init__(self, target, state_dir, key):
+        self.target, self.state_dir, self.key = target, state_dir, key
+
+
 @pytest.fixture(scope="session")
-def daemon():
+def sandboxd():
     binary = os.environ.get("SANDBOXD_BIN", str(REPO / "target" / "debug" / "sandboxd"))
     state_dir = tempfile.mkdtemp(prefix="sandboxd-py-")
     port = _free_port()
@@ -63,18 +108,27 @@ def daemon():
         env=env,
     )
     target = f"127.0.0.1:{port}"
-    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
     try:
-        grpc.channel_ready_future(channel).result(timeout=30)
-        yield channel
+        with grpc.insecure_channel(target) as probe:
+            grpc.channel_ready_future(probe).result(timeout=30)
+        # Written before the daemon listens.
+        key = pathlib.Path(state_dir, "api-key").read_text().strip()
+        yield RunningDaemon(target, state_dir, key)
     finally:
-        channel.close()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon(sandboxd):
+    """A channel to the daemon whose calls carry its admin key."""
+    channel = grpc.insecure_channel(sandboxd.target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    yield grpc.intercept_channel(channel, _Bearer(sandboxd.key))
+    channel.close()
 
 
 @pytest.fixture
