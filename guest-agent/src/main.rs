@@ -12,6 +12,7 @@
 mod files;
 mod init;
 mod process;
+mod processes;
 mod pty;
 mod reaper;
 mod refresh;

@@ -1,6 +1,7 @@
-//! Starts processes for Exec, Connect and RunCode and streams their output
-//! and exit as `ExecEvent`s. Every process leads its own session and
-//! process group, so timeouts, signals and disconnects reach all of it.
+//! Starts processes for Exec, Connect and RunCode, reads their output into
+//! their [`Process`] record and records how they exited, with a reason.
+//! Every process leads its own session and process group, so timeouts,
+//! signals and disconnects reach all of it.
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use sandbox_proto::api::{exec_event::Event, exit_status::Outcome, ExecEvent, ExecRequest, ExitStatus, ProcessStarted};
+use sandbox_proto::api::{exit_status::Outcome, ExecEvent, ExecRequest, ExitReason, ExitStatus};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::unix::pipe,
@@ -22,6 +23,7 @@ use tokio::{
 use tonic::Status;
 
 use crate::{
+    processes::{self, Process},
     pty::{self, PtyMaster},
     reaper::{Ended, Reaper},
 };
@@ -150,6 +152,8 @@ pub struct Running {
     pub pty: Option<Arc<PtyMaster>>,
     outputs: Vec<(bool, Output)>,
     ended: oneshot::Receiver<Ended>,
+    /// The kernel's OOM kill count when it started (see [`oom_kills`]).
+    oom_kills_at_start: Option<u64>,
 }
 
 /// Options beyond the spec: a terminal size, and one more fd for the child.
@@ -222,6 +226,7 @@ pub fn spawn(reaper: &Reaper, spec: &ProcessSpec, options: SpawnOptions) -> Resu
             Ok(())
         });
     }
+    let oom_kills_at_start = oom_kills();
     let (mut child, ended) = reaper.spawn(&mut command).map_err(|error| spawn_error(&spec.argv[0], error))?;
     drop(command);
     let pid = child.id() as i32;
@@ -240,7 +245,7 @@ pub fn spawn(reaper: &Reaper, spec: &ProcessSpec, options: SpawnOptions) -> Resu
             )
         }
     };
-    Ok((input, Running { pid, pty: master, outputs, ended }))
+    Ok((input, Running { pid, pty: master, outputs, ended, oom_kills_at_start }))
 }
 
 fn spawn_error(program: &str, error: std::io::Error) -> Status {
@@ -261,63 +266,84 @@ pub fn signal_group(pid: i32, signal: i32) {
     unsafe { libc::kill(-pid, signal) };
 }
 
-/// Streams `started`, the output and the final `exit` of `running` into
-/// `events`. Kills the process group on timeout, or when the receiver of
-/// `events` goes away (the client disconnected).
+/// Supervises a process outside the table (RunCode's): streams `started`,
+/// its output and its exit into `events`, and kills its process group when
+/// the receiver of `events` goes away first.
 pub async fn supervise(running: Running, timeout: Option<Duration>, events: EventSender) {
-    let Running { pid, outputs, ended, .. } = running;
-    let started = ExecEvent { event: Some(Event::Started(ProcessStarted { pid: pid as u32 })) };
-    if events.send(Ok(started)).await.is_err() {
-        signal_group(pid, libc::SIGKILL);
-    }
+    let process = Process::untracked(&running);
+    processes::stream_into(process.reader_from_start(), true, events);
+    supervise_into(running, timeout, process).await;
+}
+
+/// Reads the output of `running` into `process` and records its exit, with
+/// its reason; kills the process group when `timeout` passes.
+pub async fn supervise_into(running: Running, timeout: Option<Duration>, process: Arc<Process>) {
+    let Running { outputs, ended, oom_kills_at_start, .. } = running;
     let mut readers = JoinSet::new();
     for (is_stdout, output) in outputs {
-        readers.spawn(pump(output, is_stdout, events.clone()));
+        readers.spawn(pump(output, is_stdout, Arc::clone(&process)));
     }
-    let (ended, timed_out) = wait_for_exit(pid, ended, timeout, &events).await;
+    let (ended, timed_out) = wait_for_exit(&process, ended, timeout).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, async { while readers.join_next().await.is_some() {} }).await;
     readers.abort_all();
-    let outcome = match ended {
-        Ended::Code(code) => Outcome::Code(code),
-        Ended::Signal(signal) => Outcome::Signal(signal),
-    };
-    let exit = ExecEvent { event: Some(Event::Exit(ExitStatus { outcome: Some(outcome), timed_out })) };
-    let _ = events.send(Ok(exit)).await;
+    process.finish(exit_status(ended, timed_out, process.killed_by_agent(), oom_kills_at_start));
 }
 
-async fn wait_for_exit(
-    pid: i32,
-    mut ended: oneshot::Receiver<Ended>,
-    timeout: Option<Duration>,
-    events: &EventSender,
-) -> (Ended, bool) {
-    let deadline = async {
-        match timeout {
-            Some(timeout) => tokio::time::sleep(timeout).await,
-            None => std::future::pending().await,
+async fn wait_for_exit(process: &Process, mut ended: oneshot::Receiver<Ended>, timeout: Option<Duration>) -> (Ended, bool) {
+    let lost = Ended::Signal(libc::SIGKILL);
+    let Some(timeout) = timeout else { return (ended.await.unwrap_or(lost), false) };
+    if let Ok(status) = tokio::time::timeout(timeout, &mut ended).await {
+        return (status.unwrap_or(lost), false);
+    }
+    process.signal(libc::SIGKILL);
+    (ended.await.unwrap_or(lost), true)
+}
+
+/// The exit as the API reports it. A SIGKILL the agent did not send while
+/// the kernel's OOM kill count rose is taken for the OOM killer's.
+fn exit_status(ended: Ended, timed_out: bool, killed_by_agent: bool, oom_kills_at_start: Option<u64>) -> ExitStatus {
+    let (outcome, reason) = match ended {
+        Ended::Code(code) => (Outcome::Code(code), ExitReason::Exited),
+        Ended::Signal(signal) => {
+            let oom = signal == libc::SIGKILL
+                && !killed_by_agent
+                && oom_kills_at_start.zip(oom_kills()).is_some_and(|(before, now)| now > before);
+            (Outcome::Signal(signal), if oom { ExitReason::OomKilled } else { ExitReason::Signaled })
         }
     };
-    let timed_out = tokio::select! {
-        status = &mut ended => return (status.unwrap_or(Ended::Signal(libc::SIGKILL)), false),
-        () = deadline => true,
-        () = events.closed() => false,
-    };
-    signal_group(pid, libc::SIGKILL);
-    (ended.await.unwrap_or(Ended::Signal(libc::SIGKILL)), timed_out)
+    let reason = if timed_out { ExitReason::TimedOut } else { reason };
+    ExitStatus { outcome: Some(outcome), timed_out, reason: reason as i32 }
 }
 
-async fn pump(mut output: Output, is_stdout: bool, events: EventSender) {
+/// The kernel's count of OOM kills that can reach the agent's processes:
+/// `oom_kill` of the agent's cgroup (v2) when it is readable, else of
+/// /proc/vmstat (the guest's own in a microVM, the host's in a jail).
+fn oom_kills() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok();
+    let cgroup_events = cgroup
+        .as_deref()
+        .and_then(|text| text.lines().find_map(|line| line.strip_prefix("0::")))
+        .map(|path| format!("/sys/fs/cgroup{}/memory.events", path.trim_end_matches('/')));
+    cgroup_events
+        .and_then(|events| counter(&events, "oom_kill"))
+        .or_else(|| counter("/proc/vmstat", "oom_kill"))
+}
+
+/// The value of `name` in a file of `name value` lines.
+fn counter(file: &str, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| match line.split_once(' ') {
+        Some((key, value)) if key == name => value.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+async fn pump(mut output: Output, is_stdout: bool, process: Arc<Process>) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match output.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let data = Bytes::copy_from_slice(&buf[..n]);
-                let event = if is_stdout { Event::Stdout(data) } else { Event::Stderr(data) };
-                if events.send(Ok(ExecEvent { event: Some(event) })).await.is_err() {
-                    return;
-                }
-            }
+            Ok(n) => process.append(is_stdout, Bytes::copy_from_slice(&buf[..n])).await,
         }
     }
 }

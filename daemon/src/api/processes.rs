@@ -93,4 +93,30 @@ impl Processes for ProcessesService {
             )
             .await
     }
+
+    // Processes.List and Processes.Attach: owner-checked by `forward` (the
+    // same manager lookup as Exec), then forwarded to the agent's table.
+    type AttachStream = ReplyStream<ExecEvent>;
+
+    async fn list(
+        &self,
+        request: Request<sandbox_proto::api::ListProcessesRequest>,
+    ) -> Result<Response<sandbox_proto::api::ListProcessesResponse>, Status> {
+        self.0
+            .forward(request, "Processes.List", |r| &r.sandbox_id, |_, _| Ok(()), |mut agent, r| async move {
+                agent.list_processes(r).await
+            })
+            .await
+    }
+
+    async fn attach(&self, request: Request<sandbox_proto::api::AttachRequest>) -> Result<Response<Self::AttachStream>, Status> {
+        let id = request.get_ref().sandbox_id.clone();
+        let reply = self
+            .0
+            .forward(request, "Processes.Attach", |r| &r.sandbox_id, |_, _| Ok(()), |mut agent, r| async move {
+                agent.attach(r).await
+            })
+            .await?;
+        Ok(Response::new(forwarded_stream(id, reply.into_inner())))
+    }
 }
