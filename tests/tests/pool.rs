@@ -30,9 +30,16 @@ fn pool_options(min: usize, extra: &[&str]) -> DaemonOptions {
 async fn misses_grow_the_pool_up_to_its_maximum() {
     let daemon = Daemon::start(pool_options(1, &["--pool-max", "3"])).await;
     wait_for_metric(&daemon, READY, 1.0).await;
-    let mut api = daemon.clients(None).await;
-    for _ in 0..4 {
-        api.create(None).await;
+    let api = daemon.clients(None).await;
+    // At once, so that the one ready guest serves one and the rest miss.
+    let creates: Vec<_> = (0..4)
+        .map(|_| {
+            let mut api = sandboxd_tests::Clients::new_from(&api);
+            tokio::spawn(async move { api.create(None).await })
+        })
+        .collect();
+    for create in creates {
+        create.await.expect("a Create");
     }
     assert!(daemon.metric("sandboxd_pool_misses_total").unwrap_or(0.0) >= 2.0, "the pool ran dry at least twice");
     wait_for_metric(&daemon, TARGET, 3.0).await;
