@@ -499,3 +499,16 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::printable_tail;
+
+    #[test]
+    fn stop_reasons_are_a_bounded_printable_tail() {
+        assert_eq!(printable_tail("a\u{1b}[2mb\nc", 100), "a [2mb c");
+        let long = format!("{}é{}", "x".repeat(10), "y".repeat(10));
+        let tail = printable_tail(&long, 11);
+        assert!(tail.len() <= 11 && tail.ends_with('y'), "{tail:?}");
+    }
+}

@@ -37,7 +37,7 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
 fn describe() {
     metrics::describe_counter!(RPC_TOTAL, "gRPC calls by method and status code");
     metrics::describe_histogram!(RPC_SECONDS, "gRPC call latency by method (unary calls, or stream set-up)");
-    metrics::describe_gauge!(SANDBOXES_ACTIVE, "sandboxes that exist now");
+    metrics::describe_gauge!(SANDBOXES_ACTIVE, "sandboxes holding a slot: running, paused or being created (stopped ones hold none)");
     metrics::describe_counter!(SANDBOXES_EXPIRED, "sandboxes deleted because their TTL passed");
     metrics::describe_histogram!(CREATE_SECONDS, "Create latency by source (pool or cold)");
     metrics::describe_gauge!(POOL_READY, "paused guests waiting in the warm pool, by template");
