@@ -246,7 +246,9 @@ except OSError as error:
         assert!(["1", "38"].contains(&fields[2]), "{} fails with EPERM or ENOSYS: {output}", fields[0]);
     }
     assert_eq!(output.lines().count(), 9, "{output}");
-    assert_eq!(api.sh(&id, "echo still-serving").await, "still-serving\n");
+    // What ordinary programs need is there: node seeds its CSPRNG with getrandom.
+    assert_eq!(api.sh(&id, "node -e 'console.log(require(\"crypto\").randomBytes(4).length)'").await, "4\n");
+    assert_eq!(python(&mut api, &id, "import os; print(len(os.getrandom(8)))").await, "8\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

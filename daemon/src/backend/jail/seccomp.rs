@@ -66,7 +66,7 @@ const ALLOWED: &[i64] = &[
     libc::SYS_sched_getscheduler, libc::SYS_sched_get_priority_max, libc::SYS_sched_get_priority_min,
     libc::SYS_sched_rr_get_interval, libc::SYS_sched_setaffinity, libc::SYS_sched_getaffinity,
     libc::SYS_sched_setattr, libc::SYS_sched_getattr, libc::SYS_getcpu, libc::SYS_uname, libc::SYS_sysinfo,
-    libc::SYS_times, libc::SYS_pidfd_open, libc::SYS_pidfd_send_signal,
+    libc::SYS_times, libc::SYS_getrandom, libc::SYS_pidfd_open, libc::SYS_pidfd_send_signal,
     // Signals.
     libc::SYS_rt_sigaction, libc::SYS_rt_sigprocmask, libc::SYS_rt_sigreturn, libc::SYS_rt_sigpending,
     libc::SYS_rt_sigtimedwait, libc::SYS_rt_sigqueueinfo, libc::SYS_rt_tgsigqueueinfo, libc::SYS_rt_sigsuspend,
