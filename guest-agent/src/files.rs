@@ -25,9 +25,6 @@ use tonic::{Status, Streaming};
 
 /// Size of a download chunk.
 const DOWNLOAD_CHUNK: usize = 512 * 1024;
-/// Uid and gid of the sandbox user, who owns what the Files API creates
-/// (the user that Exec runs code as by default).
-const SANDBOX_USER_ID: u32 = 1000;
 
 /// Checks that `path` is absolute, has no NUL and no `..`; returns it.
 pub fn checked_path(path: &str) -> Result<PathBuf, Status> {
@@ -168,11 +165,10 @@ async fn create_dir(dir: &Path, mode: u32) -> Result<(), Status> {
 /// Gives `path` (not what it may link to) to the sandbox user, when the
 /// agent runs as root and so creates files as root.
 fn hand_to_user(path: &Path) -> Result<(), Status> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
+    match crate::process::RunAs::User.ids() {
+        Some(id) => std::os::unix::fs::lchown(path, Some(id), Some(id)).map_err(|e| io_status(path, "chown", e)),
+        None => Ok(()),
     }
-    std::os::unix::fs::lchown(path, Some(SANDBOX_USER_ID), Some(SANDBOX_USER_ID)).map_err(|e| io_status(path, "chown", e))
 }
 
 /// What a non-regular file is, for messages.

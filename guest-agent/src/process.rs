@@ -58,8 +58,9 @@ impl RunAs {
         }
     }
 
-    /// The uid and gid to switch to, when the agent can switch (it runs as root).
-    fn ids(self) -> Option<u32> {
+    /// The uid and gid to switch to (or to give files to), when the agent
+    /// can (it runs as root).
+    pub fn ids(self) -> Option<u32> {
         // SAFETY: geteuid has no preconditions.
         (self == RunAs::User && unsafe { libc::geteuid() } == 0).then_some(USER_ID)
     }
