@@ -70,7 +70,7 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run,lib/modules,t/deps,guest,var/lib/sandboxd}
 cp /bin/busybox "$root/bin/busybox"
-for applet in sh mount mkdir insmod cat cut ls echo poweroff sleep ifconfig; do ln -s busybox "$root/bin/$applet"; done
+for applet in sh mount mkdir insmod cat cp cut grep ls echo poweroff sleep ifconfig switch_root; do ln -s busybox "$root/bin/$applet"; done
 # kvm-amd and what it depends on, decompressed for busybox insmod.
 for module in irqbypass kvm kvm-amd; do
   path=$(modinfo -k "$host_release" -n "$module")
@@ -101,6 +101,15 @@ fi
 chmod +x "$root/t/run-tests"
 cat > "$root/init" <<INIT
 #!/bin/sh
+# The initramfs is the kernel's first root, which pivot_root(2) cannot leave
+# (EINVAL), and the daemon's VMM jail pivots: move everything onto a tmpfs
+# and start again from there.
+if [ ! -e /.on-tmpfs ]; then
+  mkdir /newroot && mount -t tmpfs -o mode=755 root /newroot
+  cp -a /bin /sbin /lib /t /guest /var /init /newroot/ && mkdir /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run
+  : > /newroot/.on-tmpfs
+  exec switch_root /newroot /init
+fi
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -112,6 +121,8 @@ echo 30 > /proc/sys/kernel/hung_task_timeout_secs
 echo -1 > /proc/sys/kernel/hung_task_warnings
 echo 1 > /proc/sys/kernel/sysrq
 for module in irqbypass kvm kvm-amd; do insmod /lib/modules/\$module.ko; done
+# The boot that only names the kernel's code for the register samples.
+if grep -q nested_kallsyms /proc/cmdline; then grep ' [tT] ' /proc/kallsyms > /dev/ttyS1; poweroff -f; fi
 # A heartbeat: the host side reads a silent console as a frozen nested kernel.
 (while sleep 30; do echo "NESTED-ALIVE uptime \$(cut -d' ' -f1 /proc/uptime) s, load \$(cut -d' ' -f1-3 /proc/loadavg)"; done) &
 echo NESTED-BEGIN
@@ -152,13 +163,48 @@ print(read_until_prompt().decode(errors="replace").replace("\r", "").removesuffi
 PY
 }
 
-# Prints where both nested CPUs are, three times, 2 s apart.
+# Prints where both nested CPUs are, three times, 2 s apart, then names the
+# code at each sampled RIP.
 sample_registers() {
+  local samples=$work/registers
   for sample in 1 2 3; do
-    echo "---- NESTED-HOST-WEDGE registers, sample $sample"
+    echo "---- sample $sample"
     monitor "info registers -a" | grep -vE "^(XMM|YMM|ZMM|FPR|FCW|Opmask)" || echo "(the monitor did not answer)"
     sleep 2
-  done
+  done > "$samples"
+  cat "$samples"
+  echo "---- the sampled RIPs, named"
+  symbolize "$samples"
+}
+
+# With nokaslr the nested kernel's addresses are the same at every boot: a
+# short extra boot prints its symbols (modules loaded) on a second serial port.
+symbolize() {
+  local symbols=$work/kallsyms
+  timeout 300 qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m 1024 -smp 2 -display none -vga none -no-reboot \
+    -serial null -serial "file:$symbols" -kernel "$host_kernel" -initrd "$work/nested.cpio.gz" \
+    -append "console=ttyS0 rdinit=/init nokaslr panic=-1 nested_kallsyms" </dev/null >/dev/null 2>&1 || true
+  python3 - "$symbols" "$1" <<'PY'
+import bisect, re, sys
+symbols = []
+for line in open(sys.argv[1], errors="replace"):
+    fields = line.split()
+    if len(fields) >= 3 and re.fullmatch(r"[0-9a-f]{16}", fields[0]):
+        symbols.append((int(fields[0], 16), " ".join(fields[2:4])))
+symbols.sort()
+addresses = [address for address, _ in symbols]
+sample, cpu = "", "?"
+for line in open(sys.argv[2]):
+    if line.startswith("---- sample"):
+        sample = line.split()[-1]
+    cpu = re.match(r"CPU#(\d+)", line).group(1) if line.startswith("CPU#") else cpu
+    for value in re.findall(r"\bRIP=([0-9a-f]{16})", line):
+        address = int(value, 16)
+        index = bisect.bisect_right(addresses, address) - 1
+        near = index >= 0 and address - addresses[index] < 0x10000
+        name = f"{symbols[index][1]}+{address - addresses[index]:#x}" if near else "(no symbol)"
+        print(f"sample {sample} CPU#{cpu} RIP {value} = {name}")
+PY
 }
 
 # One boot of the nested host; sets outcome to pass, fail, oops, wedge or timeout.

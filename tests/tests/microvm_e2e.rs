@@ -45,16 +45,20 @@ fn microvm_options(images: &Images, pool_size: usize, extra: &[String]) -> Daemo
         extra_args,
         metrics: true,
         // The daemon builds its default template (boot, snapshot, one recorded restore) before
-        // serving; the test's own deadline (armed before) fires first, with the threads' stacks.
-        start_timeout: TEST_DEADLINE,
+        // serving; the test's own deadline (armed before, and shorter) fires first, with the
+        // threads' stacks.
+        start_timeout: test_deadline() + Duration::from_secs(30),
         ..Default::default()
     }
 }
 
 /// Longest a test here may take, its daemon's start-up (which builds the
 /// default template) included, before it is failed with every thread's
-/// kernel stack and the microVMs' logs.
-const TEST_DEADLINE: Duration = Duration::from_secs(300);
+/// kernel stack and the microVMs' logs: SANDBOXD_E2E_DEADLINE_SECS, or 300 s.
+fn test_deadline() -> Duration {
+    let seconds = std::env::var("SANDBOXD_E2E_DEADLINE_SECS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(seconds.unwrap_or(300))
+}
 
 /// Arms a test's deadline (from its first line, so that it covers the
 /// daemon's start-up) and makes a panic print the tails of the microVMs'
@@ -86,7 +90,7 @@ async fn create_timed(api: &mut Clients, request: CreateSandboxRequest, what: &s
 #[tokio::test(flavor = "multi_thread")]
 async fn linux_guest_boots_to_the_agent_and_serves_the_api() {
     let Some(images) = images() else { return };
-    let _deadline = arm_deadline("linux_guest_boots_to_the_agent_and_serves_the_api", TEST_DEADLINE);
+    let _deadline = arm_deadline("linux_guest_boots_to_the_agent_and_serves_the_api", test_deadline());
     let daemon = Daemon::start(microvm_options(&images, 0, &[])).await;
     let mut api = daemon.clients(None).await;
     // Another memory size than the template's: a cold boot.
@@ -144,7 +148,7 @@ async fn download(api: &mut Clients, id: &str, path: &str) -> Result<Vec<u8>, to
 #[tokio::test(flavor = "multi_thread")]
 async fn template_build_reports_progress_and_writes_a_restorable_template() {
     let Some(images) = images() else { return };
-    let _deadline = arm_deadline("template_build_reports_progress_and_writes_a_restorable_template", TEST_DEADLINE);
+    let _deadline = arm_deadline("template_build_reports_progress_and_writes_a_restorable_template", test_deadline());
     let out = std::env::temp_dir().join(format!("sandboxd-e2e-template-{}", std::process::id()));
     let started = Instant::now();
     let output = std::process::Command::new(binary("sandboxd"))
@@ -175,7 +179,7 @@ async fn template_build_reports_progress_and_writes_a_restorable_template() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restored_sandboxes_differ_in_rng_and_survive_pause_to_disk() {
     let Some(images) = images() else { return };
-    let _deadline = arm_deadline("restored_sandboxes_differ_in_rng_and_survive_pause_to_disk", TEST_DEADLINE);
+    let _deadline = arm_deadline("restored_sandboxes_differ_in_rng_and_survive_pause_to_disk", test_deadline());
     let daemon = Daemon::start(microvm_options(&images, 1, &["--pool-max".into(), "1".into()])).await;
     let mut api = daemon.clients(None).await;
     let ready = "sandboxd_pool_ready{template=\"default\"}";
@@ -387,7 +391,7 @@ fn build_stress_templates(images: &Images, dir: &std::path::Path) -> (String, St
 async fn restore_stress() {
     let Some(images) = images() else { return };
     let cycles: u32 = std::env::var("SANDBOXD_STRESS_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(3);
-    let _deadline = arm_deadline("restore_stress", TEST_DEADLINE * 2 + STRESS_CYCLE_BUDGET * cycles);
+    let _deadline = arm_deadline("restore_stress", test_deadline() * 2 + STRESS_CYCLE_BUDGET * cycles);
     let dir = std::env::temp_dir().join(format!("sandboxd-e2e-stress-{}", std::process::id()));
     let (built, bare) = build_stress_templates(&images, &dir);
     let uffd_args = ["--pool-max".into(), "1".into(), "--template".into(), built.clone(), "--template".into(), bare];
