@@ -273,15 +273,42 @@ fn status_field(pid: u32, name: &str) -> String {
     status.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).unwrap_or_default().trim().to_string()
 }
 
+/// The seccomp mode of each VMM thread (2: filtered), once the control
+/// thread has installed its filter (just after the guest starts).
+fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let modes: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|task| {
+                let task = task.unwrap().path();
+                let name = std::fs::read_to_string(task.join("comm")).unwrap().trim().to_string();
+                let status = std::fs::read_to_string(task.join("status")).unwrap();
+                let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap_or_default().trim().to_string();
+                (name, mode)
+            })
+            .filter(|(name, _)| name == "sandboxd" || name.starts_with("vcpu") || name == "vsock")
+            .collect();
+        if modes.iter().all(|(_, mode)| mode == "2") || Instant::now() > deadline {
+            assert_eq!(modes.len(), 3, "the control, vcpu0 and vsock threads: {modes:?}");
+            return modes;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn namespace(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
 
-/// Waits until the jailed VM's guest has printed something.
-fn wait_for_console(vm: &VmProcess) {
+/// Starts the jailed VMM and waits until its guest prints.
+fn start_and_wait_for_console(vm: &VmProcess, config: &serde_json::Value, cgroup: Option<&Cgroup>) {
     let serial = vm.jail_dir().join("serial.log");
+    let printed = || std::fs::metadata(&serial).map_or(0, |m| m.len());
+    let before = printed();
+    vm.start(launcher(), config, cgroup).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::metadata(&serial).map_or(0, |m| m.len()) == 0 {
+    while printed() <= before {
         assert!(vm.is_alive(), "the VMM exited: {}", vm.diagnostics());
         assert!(Instant::now() < deadline, "the guest never printed: {}", vm.diagnostics());
         std::thread::sleep(Duration::from_millis(10));
@@ -311,8 +338,7 @@ fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_
     let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
     let (first, second) = (VmProcess::new(dir.join("first")), VmProcess::new(dir.join("second")));
     for vm in [&first, &second] {
-        vm.start(launcher(), &vmm_config(&base, &boot), None).unwrap();
-        wait_for_console(vm);
+        start_and_wait_for_console(vm, &vmm_config(&base, &boot), None);
     }
     let pids = [first.pid().unwrap(), second.pid().unwrap()];
 
@@ -329,6 +355,11 @@ fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_
         assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
         assert_eq!(status_field(pid, "NoNewPrivs"), "1");
         assert_eq!(status_field(pid, "NSpid").split_whitespace().nth(1), Some("1"), "PID 1 of its own PID namespace");
+    }
+
+    // And its threads keep their seccomp filters.
+    for (name, seccomp) in thread_seccomp_modes(pids[0]) {
+        assert_eq!(seccomp, "2", "thread {name} runs without its seccomp filter");
     }
 
     // Namespaces of its own, shared with neither the daemon nor another VMM.
@@ -376,13 +407,13 @@ fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_
     let published = dir.join("published");
     std::fs::rename(&written, &published).unwrap();
     vm_dir::publish(&published).unwrap();
-    for (name, memory) in [("private", RestoreMemory::MapPrivate), ("uffd", RestoreMemory::Uffd)] {
+    // One restores in the directory the snapshot's VMM used (as a woken
+    // sandbox does), where that VMM's sockets are stale.
+    for (clone, memory) in [(&first, RestoreMemory::MapPrivate), (&second, RestoreMemory::Uffd)] {
         let restore = VmSource::Restore { snapshot: &published, memory, working_set: None, record: false };
-        let clone = VmProcess::new(dir.join(name));
-        clone.start(launcher(), &vmm_config(&base, &restore), None).unwrap();
-        wait_for_console(&clone);
+        start_and_wait_for_console(clone, &vmm_config(&base, &restore), None);
+        let stats = clone.simple("stats").unwrap();
         if memory == RestoreMemory::Uffd {
-            let stats = clone.simple("stats").unwrap();
             assert!(stats["uffd"]["faults"].as_u64().unwrap() > 0, "an unprivileged VMM serves faults through /dev/userfaultfd: {stats}");
         }
         clone.stop().unwrap();
@@ -416,8 +447,7 @@ fn a_vmm_that_stops_answering_is_killed_and_one_that_does_not_die_is_reported_wi
     let group = Cgroup::create(flavor, &format!("vmm-stuck-test-{}", std::process::id()), &limits).unwrap();
     let vm = VmProcess::new(dir.join("vm"));
     let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
-    vm.start(launcher(), &vmm_config(&base, &boot), Some(&group)).unwrap();
-    wait_for_console(&vm);
+    start_and_wait_for_console(&vm, &vmm_config(&base, &boot), Some(&group));
     let pid = vm.pid().unwrap();
     group.freeze().unwrap();
 

@@ -234,8 +234,11 @@ impl VmProcess {
             }
         }
         vm_dir::prepare(&self.dir)?;
+        // The links and the sockets of an earlier VMM here: a new VMM binds
+        // its own, and only those may be linked.
         for socket in [CONTROL_SOCKET, VSOCK_SOCKET] {
             vm_dir::unlink(&self.dir.join(socket))?;
+            vm_dir::unlink(&self.jail_dir().join(socket))?;
         }
         let mut config = config.clone();
         for bind in config["jail"]["binds"].as_array().into_iter().flatten() {
