@@ -337,10 +337,29 @@ fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_
     let (kernel, base) = (support::build_payload(BODY), dir.join("base.img"));
     let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
     let (first, second) = (VmProcess::new(dir.join("first")), VmProcess::new(dir.join("second")));
+    // A descriptor the daemon leaks (not close-on-exec) must not reach a VMM.
+    let leaked = dir.join("leaked");
+    std::fs::write(&leaked, "a host file").unwrap();
+    let leaked_c = std::ffi::CString::new(leaked.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: open(2) of a NUL-terminated path; closed below.
+    let leaked_fd = unsafe { libc::open(leaked_c.as_ptr(), libc::O_RDONLY) };
+    assert!(leaked_fd >= 0);
     for vm in [&first, &second] {
         start_and_wait_for_console(vm, &vmm_config(&base, &boot), None);
     }
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(leaked_fd) };
     let pids = [first.pid().unwrap(), second.pid().unwrap()];
+    for pid in pids {
+        let targets: Vec<PathBuf> =
+            std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().map(|fd| std::fs::read_link(fd.unwrap().path()).unwrap()).collect();
+        assert!(!targets.contains(&leaked), "an inherited descriptor reached the VMM: {targets:?}");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        for variable in environ.split(|&b| b == 0).filter(|v| !v.is_empty()) {
+            let name = String::from_utf8_lossy(variable.split(|&b| b == b'=').next().unwrap_or_default()).into_owned();
+            assert!(["RUST_LOG", "RUST_BACKTRACE"].contains(&name.as_str()), "the VMM got the daemon's {name}");
+        }
+    }
 
     // Its own unprivileged identity: uid and gid, distinct per VMM, no
     // groups, no capabilities, no way to gain privileges.

@@ -32,6 +32,9 @@ const CHILD_STACK: usize = 256 * 1024;
 /// Descriptors handed to the child are first moved this high, above the
 /// slots 0..=3 they are moved onto, so no move overwrites another's source.
 const HIGH_FD: libc::c_int = 16;
+/// The only variables of the daemon's environment a VMM gets (the rest may
+/// hold secrets, such as API keys, that a compromised VMM must not see).
+const PASSED_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 /// At most this many threads are described in a report.
 const MOST_THREADS: usize = 64;
 
@@ -161,13 +164,15 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
 
 impl VmmChild {
     /// Starts `program args...` in a new PID namespace with `fds` as its
-    /// descriptors 0, 1, 2 and 3, and this process's environment.
+    /// descriptors 0, 1, 2 and 3, and the logging variables of this
+    /// process's environment.
     pub fn spawn(program: &Path, args: &[&OsStr], fds: [BorrowedFd<'_>; 4]) -> io::Result<Self> {
         let program_c = c_string(program.as_os_str().as_bytes())?;
         let arg_strings = std::iter::once(Ok(program_c.clone()))
             .chain(args.iter().map(|arg| c_string(arg.as_bytes())))
             .collect::<io::Result<Vec<_>>>()?;
         let env_strings = std::env::vars_os()
+            .filter(|(key, _)| PASSED_ENV.iter().any(|passed| key == passed))
             .map(|(key, value)| c_string(&[key.as_bytes(), b"=", value.as_bytes()].concat()))
             .collect::<io::Result<Vec<_>>>()?;
         let (argv, envp) = (null_terminated(&arg_strings), null_terminated(&env_strings));
