@@ -170,6 +170,8 @@ async fn build_in(options: &BuildOptions, work: &Path, progress: &(dyn Fn(&str) 
     let manifest_path = snapshot.join(MANIFEST);
     let text = serde_json::to_string_pretty(&manifest).expect("a manifest serializes");
     std::fs::write(&manifest_path, text).map_err(io_error("write", &manifest_path))?;
+    // Every file readable by the VMMs that restore it, whatever the umask.
+    vm_dir::publish(&snapshot)?;
     let _ = std::fs::remove_dir_all(&options.out);
     std::fs::rename(&snapshot, &options.out).map_err(io_error("move the template to", &options.out))?;
     progress(&format!("template ready in {} after {:.1} s", options.out.display(), started.elapsed().as_secs_f64()));
