@@ -12,7 +12,7 @@ use crate::{
         microvm::{vmm_process::RestoreMemory, GuestImages},
         BackendChoice, ResourceLimits,
     },
-    manager::Policy,
+    manager::{OnStop, Policy},
     pool::PoolConfig,
     connections::ConnectionLimits,
     server::ServeConfig,
@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// Most host memory the paused guests of one template's pool may use, in MiB (0: no budget).
     #[arg(long, default_value_t = 0)]
     pub pool_memory_budget_mib: u64,
+    /// What SIGTERM or SIGINT does with the sandboxes: keep them running for the next start
+    /// to re-adopt, or delete them. `suspend` pauses microVMs to disk before keeping them;
+    /// for jails it is the same as `keep`. Pooled guests are always destroyed.
+    #[arg(long, value_enum, default_value_t = OnStop::Keep)]
+    pub on_stop: OnStop,
     /// How microVMs restored from a template get their memory.
     #[arg(long, value_enum, default_value_t = RestoreMemory::Uffd)]
     pub restore_memory: RestoreMemory,
@@ -202,6 +207,7 @@ impl ServeArgs {
                 memory_budget_bytes: self.pool_memory_budget_mib << 20,
             },
             restore_memory: self.restore_memory,
+            on_stop: self.on_stop,
             connections: ConnectionLimits {
                 max_connections: self.max_connections.max(1),
                 handshake_timeout: Duration::from_secs(self.handshake_timeout_seconds.max(1)),

@@ -13,5 +13,6 @@ pub mod ids;
 pub mod manager;
 pub mod metrics;
 pub mod pool;
+pub mod registry;
 pub mod server;
 pub mod template;

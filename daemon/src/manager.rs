@@ -4,9 +4,15 @@
 //! guest died is reported STOPPED with the reason, and its share of the
 //! quotas is given back at once. The gRPC services are thin wrappers over
 //! this.
+//!
+//! Every change (Create, Pause, Resume, Delete, a stop) is written to the
+//! [`Registry`] before the call answers. At start the manager reads it
+//! back: live guests are re-adopted, dead ones reported STOPPED with the
+//! reason, and whatever else an earlier run left is reaped before the warm
+//! pools fill.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -24,7 +30,19 @@ use crate::{
     backend::{Backend, BackendError, Instance, LaunchSpec, ResourceLimits},
     ids, metrics,
     pool::{PoolConfig, WarmPool},
+    registry::{Registry, RegistryError, SandboxRecord, StoredState},
 };
+
+/// What a graceful stop does with the sandboxes (`--on-stop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnStop {
+    /// Leave them running (paused ones paused) for the next start to re-adopt.
+    Keep,
+    /// Pause microVMs to disk first, then keep them; for jails the same as keep.
+    Suspend,
+    /// Delete every sandbox.
+    Delete,
+}
 
 /// Defaults and bounds applied to every Create.
 #[derive(Clone, Debug)]
@@ -65,6 +83,8 @@ pub enum SandboxError {
     Admission(#[from] AdmissionError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +127,47 @@ impl Sandbox {
 
     fn expires_at(&self) -> SystemTime {
         self.created_at + self.ttl
+    }
+
+    /// The sandbox's registry row; `adoption` is its backend's record.
+    fn to_record(&self, backend: &str, adoption: String) -> SandboxRecord {
+        let (state, stopped_reason) = match self.run_state() {
+            RunState::Running => (StoredState::Running, String::new()),
+            RunState::Paused => (StoredState::Paused, String::new()),
+            RunState::Stopped(reason) => (StoredState::Stopped, reason),
+        };
+        SandboxRecord {
+            id: self.id.clone(),
+            owner: self.owner.clone(),
+            template: self.template.clone(),
+            limits: self.limits,
+            ttl_seconds: self.ttl.as_secs(),
+            created_at_unix_ms: unix_ms(self.created_at),
+            expires_at_unix_ms: unix_ms(self.expires_at()),
+            env: self.env.clone(),
+            metadata: self.metadata.clone(),
+            state,
+            stopped_reason,
+            backend: backend.to_string(),
+            adoption,
+        }
+    }
+
+    /// A sandbox of an earlier run, from its registry row.
+    fn from_record(record: SandboxRecord, state: RunState, instance: Option<Box<dyn Instance>>, reservation: Option<Reservation>) -> Self {
+        Self {
+            id: record.id,
+            owner: record.owner,
+            template: record.template,
+            limits: record.limits,
+            ttl: Duration::from_secs(record.ttl_seconds),
+            env: record.env,
+            metadata: record.metadata,
+            created_at: UNIX_EPOCH + Duration::from_millis(record.created_at_unix_ms.max(0) as u64),
+            state: Mutex::new(state),
+            instance: tokio::sync::Mutex::new(instance),
+            reservation: Mutex::new(reservation),
+        }
     }
 
     fn to_proto(&self, backend: &str) -> api::Sandbox {
@@ -157,32 +218,28 @@ pub struct SandboxManager {
     pools: HashMap<String, Arc<WarmPool>>,
     policy: Policy,
     admission: Arc<Admission>,
+    registry: Arc<Registry>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
 }
 
 impl SandboxManager {
-    /// `templates` maps a template name to its root filesystem or, for
-    /// microVMs, its template directory (`None`: the default). With
-    /// `pool.max` > 0 each template gets a warm pool.
-    pub fn new(
+    /// Re-adopts the sandboxes of `registry`, reaps what an earlier run
+    /// left besides them, then starts the warm pools. `templates` maps a
+    /// template name to its root filesystem or, for microVMs, its template
+    /// directory (`None`: the default). With `pool.max` > 0 each template
+    /// gets a warm pool.
+    pub async fn start(
         backend: Arc<dyn Backend>,
         templates: BTreeMap<String, Option<PathBuf>>,
         policy: Policy,
         pool: PoolConfig,
-    ) -> Arc<Self> {
-        let pools = if pool.max == 0 {
-            HashMap::new()
-        } else {
-            templates
-                .iter()
-                .map(|(name, rootfs)| {
-                    let spec = LaunchSpec { id: String::new(), rootfs: rootfs.clone(), limits: policy.default_limits };
-                    (name.clone(), WarmPool::start(name.clone(), Arc::clone(&backend), spec, pool))
-                })
-                .collect()
-        };
+        registry: Registry,
+    ) -> Result<Arc<Self>, SandboxError> {
+        let registry = Arc::new(registry);
         let admission = Admission::new(policy.quotas);
-        Arc::new(Self { backend, templates, pools, policy, admission, sandboxes: Mutex::new(HashMap::new()) })
+        let sandboxes = restore(&backend, &registry, &admission).await?;
+        let pools = start_pools(&backend, &templates, &policy, pool);
+        Ok(Arc::new(Self { backend, templates, pools, policy, admission, registry, sandboxes: Mutex::new(sandboxes) }))
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -217,6 +274,13 @@ impl SandboxManager {
             instance: tokio::sync::Mutex::new(Some(instance)),
             reservation: Mutex::new(Some(reservation)),
         });
+        let record = sandbox.to_record(self.backend_name(), instance_record(&sandbox).await);
+        if let Err(error) = self.persist(move |registry| registry.put(&record)).await {
+            if let Some(instance) = sandbox.instance.lock().await.take() {
+                let _ = instance.destroy().await;
+            }
+            return Err(error.into());
+        }
         let reply = sandbox.to_proto(self.backend_name());
         self.lock().insert(id, sandbox);
         ::metrics::histogram!(metrics::CREATE_SECONDS, "source" => source).record(started.elapsed().as_secs_f64());
@@ -287,7 +351,7 @@ impl SandboxManager {
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
         let sandbox = self.find(caller, id)?;
-        notice_stop(&sandbox).await;
+        self.notice_stop(&sandbox).await;
         Ok(sandbox.to_proto(self.backend_name()))
     }
 
@@ -295,7 +359,7 @@ impl SandboxManager {
         let owned: Vec<_> = self.lock().values().filter(|sandbox| sandbox.owner == caller.key_id).cloned().collect();
         let mut visible = Vec::with_capacity(owned.len());
         for sandbox in owned {
-            notice_stop(&sandbox).await;
+            self.notice_stop(&sandbox).await;
             visible.push(sandbox.to_proto(self.backend_name()));
         }
         visible.sort_by(|a, b| a.created_at_unix_ms.cmp(&b.created_at_unix_ms).then(a.id.cmp(&b.id)));
@@ -309,12 +373,13 @@ impl SandboxManager {
 
     pub async fn pause(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
         let sandbox = self.find(caller, id)?;
-        notice_stop(&sandbox).await;
+        self.notice_stop(&sandbox).await;
         let instance = sandbox.instance.lock().await;
         let instance = instance.as_ref().ok_or_else(|| stopped_or_gone(&sandbox))?;
         if sandbox.run_state() == RunState::Running {
             instance.suspend().await?;
             sandbox.set_run_state(RunState::Paused);
+            self.persist_state(&sandbox.id, StoredState::Paused, "").await?;
         }
         Ok(sandbox.to_proto(self.backend_name()))
     }
@@ -335,13 +400,14 @@ impl SandboxManager {
             return Err(error);
         }
         sandbox.set_run_state(RunState::Running);
+        self.persist_state(&sandbox.id, StoredState::Running, "").await?;
         Ok(sandbox.to_proto(self.backend_name()))
     }
 
     /// The agent of a running sandbox that `caller` owns.
     pub async fn agent(&self, caller: &Caller, id: &str) -> Result<AgentHandle, SandboxError> {
         let sandbox = self.find(caller, id)?;
-        notice_stop(&sandbox).await;
+        self.notice_stop(&sandbox).await;
         match sandbox.run_state() {
             RunState::Paused => return Err(SandboxError::Paused(id.to_string())),
             RunState::Stopped(detail) => return Err(SandboxError::Stopped { id: id.to_string(), detail }),
@@ -360,7 +426,7 @@ impl SandboxManager {
         let running: Vec<_> =
             self.lock().values().filter(|sandbox| sandbox.run_state() == RunState::Running).cloned().collect();
         for sandbox in running {
-            notice_stop(&sandbox).await;
+            self.notice_stop(&sandbox).await;
         }
     }
 
@@ -380,27 +446,70 @@ impl SandboxManager {
         ids
     }
 
-    /// Destroys every sandbox and pooled guest (at shutdown).
-    pub async fn shutdown(&self) {
+    /// At a graceful stop: destroys the pooled guests (no one's yet), and
+    /// deletes every sandbox or leaves them running for the next start.
+    pub async fn shutdown(&self, on_stop: OnStop) {
         for pool in self.pools.values() {
             pool.drain().await;
         }
         let all: Vec<_> = self.lock().values().cloned().collect();
         for sandbox in all {
-            if let Err(error) = self.remove(&sandbox).await {
-                tracing::warn!(%error, sandbox = %sandbox.id, "cannot delete a sandbox at shutdown");
+            let outcome = match on_stop {
+                OnStop::Delete => self.remove(&sandbox).await,
+                OnStop::Keep | OnStop::Suspend => self.keep(&sandbox).await,
+            };
+            if let Err(error) = outcome {
+                tracing::warn!(%error, sandbox = %sandbox.id, ?on_stop, "cannot stop with a sandbox as asked");
             }
         }
     }
 
+    /// Lets a sandbox's guest run on after the daemon ends. A backend that
+    /// cannot keep it destroys it: it is then recorded STOPPED, with why.
+    async fn keep(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
+        let Some(instance) = sandbox.instance.lock().await.take() else { return Ok(()) };
+        if let Err(error) = instance.release().await {
+            let reason = format!("the daemon stopped and could not keep it: {error}");
+            self.persist_state(&sandbox.id, StoredState::Stopped, &reason).await?;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// Forgets the sandbox (first in the registry: a crash before the
+    /// guest is gone leaves a leftover the next start reaps) and destroys
+    /// its guest.
     async fn remove(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
         let instance = sandbox.instance.lock().await.take();
         self.lock().remove(&sandbox.id);
         sandbox.release();
-        match instance {
-            Some(instance) => Ok(instance.destroy().await?),
-            None => Ok(()),
+        let id = sandbox.id.clone();
+        let forgotten = self.persist(move |registry| registry.remove(&id)).await;
+        if let Some(instance) = instance {
+            instance.destroy().await?;
         }
+        Ok(forgotten?)
+    }
+
+    /// If `sandbox` is running but its guest died: records why (in the
+    /// registry too), gives its share of the quotas back and destroys what
+    /// is left of the guest in the background. A sandbox another call is
+    /// working on is left to the next look.
+    async fn notice_stop(&self, sandbox: &Sandbox) {
+        let Some(reason) = notice_stop(sandbox).await else { return };
+        if let Err(error) = self.persist_state(&sandbox.id, StoredState::Stopped, &reason).await {
+            tracing::warn!(%error, sandbox = %sandbox.id, "cannot record that a sandbox stopped");
+        }
+    }
+
+    async fn persist_state(&self, id: &str, state: StoredState, reason: &str) -> Result<(), RegistryError> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.persist(move |registry| registry.set_state(&id, state, &reason)).await
+    }
+
+    /// Runs one registry write off the async threads.
+    async fn persist(&self, write: impl FnOnce(&Registry) -> Result<(), RegistryError> + Send + 'static) -> Result<(), RegistryError> {
+        on_registry(&self.registry, write).await
     }
 
     fn find(&self, caller: &Caller, id: &str) -> Result<Arc<Sandbox>, SandboxError> {
@@ -416,23 +525,22 @@ impl SandboxManager {
     }
 }
 
-/// If `sandbox` is running but its guest died: records why, gives its
-/// share of the quotas back and destroys what is left of the guest in the
-/// background. A sandbox another call is working on is left to the next
-/// look.
-async fn notice_stop(sandbox: &Sandbox) {
+/// If `sandbox` is running but its guest died: marks it stopped, gives its
+/// share of the quotas back, destroys what is left of the guest in the
+/// background, and returns why it stopped.
+async fn notice_stop(sandbox: &Sandbox) -> Option<String> {
     if sandbox.run_state() != RunState::Running {
-        return;
+        return None;
     }
-    let Ok(mut slot) = sandbox.instance.try_lock() else { return };
+    let Ok(mut slot) = sandbox.instance.try_lock() else { return None };
     if slot.as_ref().is_none_or(|instance| instance.is_alive()) {
-        return;
+        return None;
     }
-    let Some(instance) = slot.take() else { return };
+    let instance = slot.take()?;
     sandbox.release();
     let (instance, reason) = last_words(instance).await;
     tracing::warn!(sandbox = %sandbox.id, %reason, "the sandbox's guest died; it is reported STOPPED");
-    sandbox.set_run_state(RunState::Stopped(reason));
+    sandbox.set_run_state(RunState::Stopped(reason.clone()));
     drop(slot);
     if let Some(instance) = instance {
         let id = sandbox.id.clone();
@@ -441,6 +549,113 @@ async fn notice_stop(sandbox: &Sandbox) {
                 tracing::warn!(%error, sandbox = %id, "cannot clean up a stopped sandbox");
             }
         });
+    }
+    Some(reason)
+}
+
+/// The backend's re-adoption record of a sandbox's guest.
+async fn instance_record(sandbox: &Sandbox) -> String {
+    let instance = sandbox.instance.lock().await;
+    instance.as_ref().map(|instance| instance.adoption_record()).unwrap_or_default()
+}
+
+/// Runs one registry call off the async threads.
+async fn on_registry<T: Send + 'static>(
+    registry: &Arc<Registry>,
+    call: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    let registry = Arc::clone(registry);
+    tokio::task::spawn_blocking(move || call(&registry))
+        .await
+        .unwrap_or_else(|join| Err(RegistryError::Task(join.to_string())))
+}
+
+/// One warm pool per template, unless `pool.max` is 0.
+fn start_pools(
+    backend: &Arc<dyn Backend>,
+    templates: &BTreeMap<String, Option<PathBuf>>,
+    policy: &Policy,
+    pool: PoolConfig,
+) -> HashMap<String, Arc<WarmPool>> {
+    if pool.max == 0 {
+        return HashMap::new();
+    }
+    templates
+        .iter()
+        .map(|(name, rootfs)| {
+            let spec = LaunchSpec { id: String::new(), rootfs: rootfs.clone(), limits: policy.default_limits };
+            (name.clone(), WarmPool::start(name.clone(), Arc::clone(backend), spec, pool))
+        })
+        .collect()
+}
+
+/// Brings back the sandboxes of the registry: live guests re-adopted
+/// (with their share of the quotas), dead or unadoptable ones STOPPED with
+/// the reason; then reaps every guest of an earlier run that is not
+/// among them (pooled or half-made ones).
+async fn restore(
+    backend: &Arc<dyn Backend>,
+    registry: &Arc<Registry>,
+    admission: &Arc<Admission>,
+) -> Result<HashMap<String, Arc<Sandbox>>, SandboxError> {
+    let records = on_registry(registry, Registry::all).await?;
+    let mut sandboxes = HashMap::with_capacity(records.len());
+    let mut adopted = HashSet::new();
+    for record in records {
+        let sandbox = restore_one(backend, registry, admission, record).await?;
+        if !matches!(sandbox.run_state(), RunState::Stopped(_)) {
+            adopted.insert(sandbox.id.clone());
+        }
+        sandboxes.insert(sandbox.id.clone(), Arc::new(sandbox));
+    }
+    let (reaper, keep) = (Arc::clone(backend), adopted.clone());
+    tokio::task::spawn_blocking(move || reaper.reap_unknown(&keep))
+        .await
+        .map_err(|join| RegistryError::Task(join.to_string()))?;
+    if !sandboxes.is_empty() {
+        tracing::info!(adopted = adopted.len(), stopped = sandboxes.len() - adopted.len(), "restored the sandboxes of the registry");
+    }
+    Ok(sandboxes)
+}
+
+/// One registry row brought back: its guest re-adopted, or the sandbox
+/// STOPPED with why (recorded).
+async fn restore_one(
+    backend: &Arc<dyn Backend>,
+    registry: &Arc<Registry>,
+    admission: &Arc<Admission>,
+    record: SandboxRecord,
+) -> Result<Sandbox, SandboxError> {
+    let paused = match record.state {
+        StoredState::Stopped => {
+            let reason = record.stopped_reason.clone();
+            return Ok(Sandbox::from_record(record, RunState::Stopped(reason), None, None));
+        }
+        StoredState::Paused => true,
+        StoredState::Running => false,
+    };
+    let adopted = if record.backend == backend.kind().as_str() {
+        backend.adopt(&record.id, &record.adoption, paused).await
+    } else {
+        Err(BackendError::Adopt(format!("it ran on the {} backend and this daemon runs {}", record.backend, backend.kind().as_str())))
+    };
+    match adopted {
+        Ok(instance) => {
+            let reservation = admission
+                .reserve(&record.owner, record.limits)
+                .inspect_err(|error| tracing::warn!(%error, sandbox = %record.id, "a re-adopted sandbox exceeds today's quotas; it is kept"))
+                .ok();
+            tracing::info!(sandbox = %record.id, paused, "re-adopted a sandbox of an earlier run");
+            let state = if paused { RunState::Paused } else { RunState::Running };
+            Ok(Sandbox::from_record(record, state, Some(instance), reservation))
+        }
+        Err(error) => {
+            let reason = format!("lost while the daemon was away: {error}");
+            tracing::warn!(sandbox = %record.id, %reason, "a sandbox of the registry is reported STOPPED");
+            let (id, stored_reason) = (record.id.clone(), reason.clone());
+            on_registry(registry, move |registry| registry.set_state(&id, StoredState::Stopped, &stored_reason)).await?;
+            Ok(Sandbox::from_record(record, RunState::Stopped(reason), None, None))
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! the backend, builds the manager, serves the gRPC API on TCP and a 0600
 //! unix socket behind authentication and connection limits, serves
 //! /metrics, marks sandboxes whose guest died as stopped, and deletes
-//! sandboxes whose lifetime has passed.
+//! sandboxes whose lifetime has passed. At start the manager re-adopts
+//! the sandboxes of the registry; a graceful stop keeps them (or deletes
+//! them, with `--on-stop delete`).
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +33,8 @@ use crate::{
         BackendChoice, MicroVmOptions, SelectError,
     },
     connections::{self, ConnectionLimits, Gate},
-    manager::{Policy, SandboxManager},
+    manager::{OnStop, Policy, SandboxError, SandboxManager},
+    registry::{Registry, RegistryError},
     pool::PoolConfig,
     metrics::{self, MetricsError},
 };
@@ -74,6 +77,8 @@ pub struct ServeConfig {
     pub agent_binary: PathBuf,
     pub templates: BTreeMap<String, Option<PathBuf>>,
     pub pool: PoolConfig,
+    /// What a graceful stop does with the sandboxes.
+    pub on_stop: OnStop,
     pub policy: Policy,
     pub connections: ConnectionLimits,
     pub api_keys: KeyList,
@@ -95,9 +100,14 @@ pub enum ServeError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Backend(#[from] SelectError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot restore the sandboxes of the registry: {0}")]
+    Restore(#[from] SandboxError),
 }
 
-/// Serves until SIGINT or SIGTERM, then deletes every sandbox.
+/// Serves until SIGINT or SIGTERM, then keeps or deletes every sandbox
+/// (`on_stop`).
 pub async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     private_state_dir(&config.state_dir)?;
     let (keys, source) = ApiKeys::load(std::mem::replace(&mut config.api_keys, KeyList::parse("")), &config.state_dir)?;
@@ -114,7 +124,8 @@ pub async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     };
     let backend = backend::select(config.backend, &config.state_dir, &config.agent_binary, microvm).await?;
     tracing::info!(backend = backend.kind().as_str(), "backend ready");
-    let manager = SandboxManager::new(backend, config.templates.clone(), config.policy.clone(), config.pool);
+    let registry = Registry::open(&config.state_dir)?;
+    let manager = SandboxManager::start(backend, config.templates.clone(), config.policy.clone(), config.pool, registry).await?;
     let context = ApiContext { manager: Arc::clone(&manager), audit: AuditLog::open(&config.audit_log)? };
     let reaper = tokio::spawn(expire_forever(context.clone()));
 
@@ -147,7 +158,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
     let result = tokio::select! {
         result = &mut servers => result.map(|_| ()),
         () = termination() => {
-            tracing::info!("stopping: deleting every sandbox");
+            tracing::info!(on_stop = ?config.on_stop, "stopping: pooled guests are destroyed, sandboxes kept or deleted as --on-stop says");
             let _ = stop_tx.send(true);
             gate.close_waiting();
             match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
@@ -160,7 +171,7 @@ pub async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
         }
     };
     reaper.abort();
-    manager.shutdown().await;
+    manager.shutdown(config.on_stop).await;
     let _ = std::fs::remove_file(&config.unix_socket);
     Ok(result?)
 }

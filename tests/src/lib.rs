@@ -112,6 +112,10 @@ impl Daemon {
         if options.backend == "jail" && !options.extra_args.iter().any(|arg| arg == "--rootfs-image") {
             args.extend(["--rootfs-image".into(), guest_root_image().into()]);
         }
+        if !options.extra_args.iter().any(|arg| arg == "--on-stop") {
+            // Tests end their daemons with SIGTERM: leave no sandbox behind.
+            args.extend(["--on-stop".into(), "delete".into()]);
+        }
         args.extend(options.extra_args.iter().map(Into::into));
         let launch = Launch { args, api_keys: options.api_keys.clone() };
         let child = launch.spawn();
@@ -130,6 +134,20 @@ impl Daemon {
     pub async fn kill_and_restart(&mut self, timeout: Duration) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.child = self.launch.spawn();
+        self.wait_until_serving(timeout).await;
+    }
+
+    /// Stops the daemon with SIGTERM (its graceful stop), waits for it to
+    /// exit, and starts it again on the same state directory and port.
+    pub async fn terminate_and_restart(&mut self, timeout: Duration) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            assert!(Instant::now() < deadline, "sandboxd did not stop within {timeout:?} of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.child = self.launch.spawn();
         self.wait_until_serving(timeout).await;
     }

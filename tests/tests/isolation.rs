@@ -380,24 +380,42 @@ async fn a_killed_daemon_leaves_nothing_unaccounted_for_after_restart() {
     let running = api.create(None).await;
     let paused = api.create(None).await;
     api.sandboxes.pause(sandbox_proto::api::PauseSandboxRequest { id: paused.clone() }).await.expect("Pause");
-    let old_pids: Vec<u32> = [&running, &paused].iter().flat_map(|id| host_pids(id)).collect();
-    let old_cgroups = [cgroup_dir("pids", &running), cgroup_dir("freezer", &paused)];
+    let jails_dir = daemon.state_dir.join("jails");
+    let sandboxes = [running.clone(), paused.clone()];
+    // Give the pool time to refill after the two Creates, then note its jails.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pooled = loop {
+        let pooled: Vec<String> = dir_names(&jails_dir).into_iter().filter(|id| !sandboxes.contains(id)).collect();
+        if pooled.len() == 2 || std::time::Instant::now() > deadline {
+            break pooled;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(pooled.len(), 2, "the pool's jails before the kill: {pooled:?}");
+    let sandbox_pids: Vec<u32> = sandboxes.iter().flat_map(|id| host_pids(id)).collect();
+    let pooled_pids: Vec<u32> = pooled.iter().flat_map(|id| host_pids(id)).collect();
+    let pooled_cgroups: Vec<PathBuf> = pooled.iter().map(|id| cgroup_dir("pids", id)).collect();
     daemon.kill_and_restart(Duration::from_secs(30)).await;
     let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists() && !host_status(*pid, "State").starts_with('Z');
-    // Their launchers kill the jails once the daemon's lifelines close;
-    // dying takes the kernel a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while old_pids.iter().any(alive) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // The sandboxes were re-adopted, not reaped: their processes go on.
+    for pid in &sandbox_pids {
+        assert!(alive(pid), "process {pid} of a sandbox did not survive the daemon's death");
     }
-    for pid in &old_pids {
-        assert!(!alive(pid), "process {pid} of the killed daemon's sandboxes is still there");
+    // The pooled jails were no one's: reaped at the restart.
+    for pid in &pooled_pids {
+        assert!(!alive(pid), "process {pid} of a pooled jail of the killed daemon is still there");
     }
-    for dir in &old_cgroups {
+    for dir in &pooled_cgroups {
         assert!(!dir.exists(), "{} is left", dir.display());
     }
-    for id in [&running, &paused] {
-        assert!(!daemon.state_dir.join("jails").join(id).exists(), "the state of {id} is left");
+    let mut api = daemon.clients(None).await;
+    let listed = api.sandboxes.list(sandbox_proto::api::ListSandboxesRequest {}).await.unwrap().into_inner().sandboxes;
+    let known: Vec<String> = listed.iter().map(|sandbox| sandbox.id.clone()).collect();
+    for id in &sandboxes {
+        assert!(known.contains(id), "{id} is not listed after the restart");
+    }
+    for id in &pooled {
+        assert!(!jails_dir.join(id).exists(), "the state of the old pooled jail {id} is left");
     }
     let state_dir = daemon.state_dir.display().to_string();
     let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -406,12 +424,22 @@ async fn a_killed_daemon_leaves_nothing_unaccounted_for_after_restart() {
         .unwrap()
         .flatten()
         .filter_map(|dev| std::fs::read_to_string(dev.path().join("loop/backing_file")).ok())
-        .filter(|backing| backing.contains(&state_dir) && backing.contains("/jails/"))
+        .filter(|backing| pooled.iter().any(|id| backing.contains(&format!("{state_dir}/jails/{id}/"))))
         .collect();
-    assert!(loops.is_empty(), "loop devices of old jail disks are left: {loops:?}");
-    let mut api = daemon.clients(None).await;
+    assert!(loops.is_empty(), "loop devices of the old pooled jails' disks are left: {loops:?}");
+    assert_eq!(api.sh(&running, "echo still here").await, "still here\n");
     let fresh = api.create(None).await;
     assert_eq!(api.sh(&fresh, "echo serving").await, "serving\n");
+}
+
+/// The names of the directories in `dir`.
+fn dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

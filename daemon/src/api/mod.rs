@@ -63,6 +63,7 @@ impl From<SandboxError> for Status {
             SandboxError::Admission(_) => Code::ResourceExhausted,
             SandboxError::Backend(BackendError::Template(_)) => Code::FailedPrecondition,
             SandboxError::Backend(_) => Code::Unavailable,
+            SandboxError::Registry(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

@@ -105,7 +105,7 @@ impl Cgroup {
     }
 
     /// The cgroup `sandboxd/<name>`, whether or not it exists.
-    fn at(flavor: CgroupFlavor, name: &str) -> Self {
+    pub fn at(flavor: CgroupFlavor, name: &str) -> Self {
         let root = Path::new(CGROUP_ROOT);
         let dirs = match flavor {
             CgroupFlavor::V1 => V1_CONTROLLERS.iter().map(|c| root.join(c).join(PARENT).join(name)).collect(),

@@ -1,13 +1,17 @@
 //! Sandbox backends behind one trait: the daemon's core asks a backend to
 //! launch an isolated guest running `sandbox-agent`, and from then on talks
 //! only to that agent. `jail` uses namespaces and cgroups; `microvm` uses a
-//! KVM microVM per sandbox.
+//! KVM microVM per sandbox. A backend that can says how to find a guest
+//! again ([`Instance::adoption_record`]), so that a restarted daemon
+//! re-adopts it ([`Backend::adopt`]) and reaps the rest
+//! ([`Backend::reap_unknown`]).
 
 pub mod cgroup;
 pub mod jail;
 pub mod microvm;
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -62,6 +66,12 @@ pub enum BackendError {
     AgentTimeout(Duration, String),
     #[error("cannot {action} the sandbox: {reason}")]
     Control { action: &'static str, reason: String },
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+    #[error("cannot re-adopt the sandbox: {0}")]
+    Adopt(String),
+    #[error("{0}")]
+    Gone(String),
 }
 
 /// A backend creates guests.
@@ -78,6 +88,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Launches a guest and returns once its agent answers `Hello`.
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError>;
+
+    /// Finds the guest `id` of an earlier run of the daemon again, from
+    /// the record its instance gave ([`Instance::adoption_record`]);
+    /// `paused`: it was left paused (and stays so). A guest that died
+    /// meanwhile is [`BackendError::Gone`], with the reason.
+    async fn adopt(&self, id: &str, record: &str, paused: bool) -> Result<Box<dyn Instance>, BackendError> {
+        let _ = (id, record, paused);
+        Err(BackendError::Unsupported("re-adopting a guest after a daemon restart"))
+    }
+
+    /// Kills and removes every guest an earlier run of the daemon left
+    /// whose id is not in `keep` (the re-adopted ones), and logs what it
+    /// did. Blocking; called once at start, before any launch. By default
+    /// there is nothing to do (the backend cleans up when it starts).
+    fn reap_unknown(&self, keep: &HashSet<String>) {
+        let _ = keep;
+    }
 }
 
 /// One running guest.
@@ -118,6 +145,20 @@ pub trait Instance: Send + Sync {
 
     /// Stops the guest and frees everything it held.
     async fn destroy(self: Box<Self>) -> Result<(), BackendError>;
+
+    /// What [`Backend::adopt`] needs to find this guest after a restart
+    /// (the backend's own text); empty when the backend cannot re-adopt.
+    fn adoption_record(&self) -> String {
+        String::new()
+    }
+
+    /// Lets the guest run on without this daemon, which is stopping and
+    /// will re-adopt it. By default that is not supported: the guest is
+    /// destroyed and the error says so.
+    async fn release(self: Box<Self>) -> Result<(), BackendError> {
+        self.destroy().await?;
+        Err(BackendError::Unsupported("keeping a guest running across a daemon restart"))
+    }
 }
 
 /// The last `count` lines of `text`, joined with " | " (for error messages).

@@ -2,8 +2,11 @@
 //! agent, serving on a socket the daemon created and handed in. The
 //! template's root image is mounted read-only once on the host, in the
 //! daemon's private state directory, and bound into every jail as `/`.
+//! A restarted daemon re-adopts its jails from their [`JailRecord`]s and
+//! reaps the others.
 
 use std::{
+    collections::HashSet,
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -15,12 +18,14 @@ use sandbox_proto::agent::agent_client::AgentClient;
 use sha2::Digest;
 use tonic::transport::Channel;
 
-use super::{host_support, loopdev, private_dir, reap_leftovers, IdLeases, Jail, JailError, JailLimits, JailSpec};
+use super::{host_support, loopdev, private_dir, reap_leftovers, CgroupFlavor, IdLeases, Jail, JailError, JailLimits, JailRecord, JailSpec};
 use crate::backend::{Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits};
 use crate::agent_client::{self, AgentAddress};
 
 /// How long a new jail's agent has to answer `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a re-adopted running jail's agent has to answer `Hello`.
+const ADOPT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct JailBackend {
     jails_dir: PathBuf,
@@ -28,12 +33,14 @@ pub struct JailBackend {
     agent_binary: PathBuf,
     launcher: PathBuf,
     cgroup_group: String,
+    flavor: CgroupFlavor,
     ids: IdLeases,
 }
 
 impl JailBackend {
-    /// Checks that the host can run jails, reaps what an earlier run of
-    /// this daemon left, and mounts the root image read-only.
+    /// Checks that the host can run jails and mounts the root image
+    /// read-only. What an earlier run left is re-adopted or reaped later
+    /// ([`Backend::adopt`], [`Backend::reap_unknown`]).
     pub fn new(state_dir: &Path, agent_binary: PathBuf, rootfs_image: Option<PathBuf>) -> Result<Self, JailError> {
         let flavor = host_support()?;
         if !agent_binary.is_file() {
@@ -50,14 +57,10 @@ impl JailBackend {
         let jails_dir = state_dir.join("jails");
         private_dir(&jails_dir)?;
         let cgroup_group = format!("jails-{}", daemon_scope(state_dir));
-        let (cgroups, dirs) = reap_leftovers(flavor, &cgroup_group, &jails_dir);
-        if cgroups + dirs > 0 {
-            tracing::warn!(cgroups, dirs, "removed jails an earlier run of this daemon left behind");
-        }
         let image = state_dir.join("images").join("jail-root");
         mount_image(&rootfs_image, &image)?;
         tracing::info!(cgroups = ?flavor, image = %rootfs_image.display(), "jail backend: user, mount, pid, network, ipc, uts and cgroup namespaces, a disk and a cgroup per sandbox, seccomp allow-list");
-        Ok(Self { jails_dir, image, agent_binary, launcher, cgroup_group, ids: IdLeases::default() })
+        Ok(Self { jails_dir, image, agent_binary, launcher, cgroup_group, flavor, ids: IdLeases::default() })
     }
 }
 
@@ -128,6 +131,41 @@ impl Backend for JailBackend {
             }
         }
     }
+
+    async fn adopt(&self, id: &str, record: &str, paused: bool) -> Result<Box<dyn Instance>, BackendError> {
+        let record: JailRecord = serde_json::from_str(record)
+            .map_err(|error| BackendError::Adopt(format!("its jail record is unreadable: {error}")))?;
+        if record.state_dir != self.jails_dir.join(id) {
+            return Err(BackendError::Adopt(format!("its state directory {} is not this daemon's", record.state_dir.display())));
+        }
+        let ids = self.ids.clone();
+        let jail = blocking(move || Jail::adopt(&record, &ids)).await.map_err(|error| match error {
+            JailError::Gone(_) => BackendError::Gone(error.to_string()),
+            other => BackendError::Adopt(other.to_string()),
+        })?;
+        let jail = Arc::new(jail);
+        let address = AgentAddress::Unix(jail.agent_socket());
+        // A frozen agent cannot answer until it is resumed.
+        let agent = if paused {
+            agent_client::client(agent_client::channel(address))
+        } else {
+            match agent_client::wait_for_hello(address.clone(), ADOPT_HELLO_TIMEOUT).await {
+                Ok(agent) => agent,
+                Err(error) => {
+                    tracing::warn!(%error, sandbox = %id, "a re-adopted jail's agent does not answer yet; keeping the jail");
+                    agent_client::client(agent_client::channel(address))
+                }
+            }
+        };
+        Ok(Box::new(JailInstance { jail, agent }))
+    }
+
+    fn reap_unknown(&self, keep: &HashSet<String>) {
+        let (cgroups, dirs) = reap_leftovers(self.flavor, &self.cgroup_group, &self.jails_dir, keep);
+        if cgroups + dirs > 0 {
+            tracing::warn!(cgroups, dirs, kept = keep.len(), "removed jails of an earlier run that the registry does not know (pooled or half-made ones)");
+        }
+    }
 }
 
 /// The jail's console tail, read off the async runtime.
@@ -177,6 +215,18 @@ impl Instance for JailInstance {
 
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         destroy(self.jail).await
+    }
+
+    fn adoption_record(&self) -> String {
+        serde_json::to_string(&self.jail.record()).unwrap_or_default()
+    }
+
+    async fn release(self: Box<Self>) -> Result<(), BackendError> {
+        let Ok(jail) = Arc::try_unwrap(self.jail) else {
+            return Err(BackendError::Control { action: "release", reason: "the jail is still in use".to_string() });
+        };
+        jail.release();
+        Ok(())
     }
 }
 

@@ -12,10 +12,16 @@
 //! no_new_privs, installs the seccomp allow-list and executes the agent.
 //!
 //! The launcher stays outside the jail's cgroup (a frozen jail never
-//! freezes its supervisor), drains the jail's console pipe into a capped
-//! file, and watches its stdin, a lifeline pipe from the daemon: when the
-//! daemon closes it (or dies), the launcher kills the jail, thaws it so
-//! that the kill lands, and exits.
+//! freezes its supervisor), in a session of its own, and drains the
+//! jail's console pipe into a capped file until the jail's init exits;
+//! then it exits too. It needs nothing from the daemon once started, so a
+//! jail outlives a daemon that stops or dies (the daemon re-adopts it when
+//! it starts again). To end a jail, the daemon sends the launcher SIGTERM, on
+//! which it kills the jail's init (and with it the jail's pid namespace)
+//! and thaws the cgroup so that the kill lands, and removes the cgroup,
+//! which kills whatever is left. The launcher's own death takes the init
+//! with it (its parent-death signal, armed again once the init has
+//! changed its credentials, which clears it).
 
 use std::{
     convert::Infallible,
@@ -28,6 +34,10 @@ use std::{
 
 use nix::{
     sched::{unshare, CloneFlags},
+    sys::{
+        signal::{SigSet, Signal as UnixSignal},
+        signalfd::{SfdFlags, SignalFd},
+    },
     sys::wait::{waitpid, WaitStatus},
     unistd::{execve, fork, sethostname, ForkResult, Pid},
 };
@@ -129,11 +139,16 @@ fn run() -> Result<i32, LaunchError> {
     let (console_read, console_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("create the console pipe"))?;
     let (unshared, mapped) = (Signal::new()?, Signal::new()?);
     unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare the pid namespace"))?;
+    // Blocked before the fork, so that a SIGTERM is never lost or fatal
+    // in between; the child unblocks it at once.
+    let terminate = terminate_signals();
+    terminate.thread_block().map_err(sys("block SIGTERM"))?;
     // SAFETY: the launcher is single-threaded (jail-exec is dispatched
     // before any thread starts), so the child may run arbitrary code.
     match unsafe { fork() }.map_err(sys("fork the jail's init"))? {
         ForkResult::Child => {
             drop(console_read);
+            let _ = terminate.thread_unblock();
             let error = match become_init(&config, console_write, unshared, mapped) {
                 Ok(never) => match never {},
                 Err(error) => error,
@@ -150,7 +165,8 @@ fn run() -> Result<i32, LaunchError> {
                 }
                 mapped.send();
             }
-            supervise(child, &config.cgroup, console_read, &mut console)
+            let terminate = SignalFd::with_flags(&terminate, SfdFlags::SFD_CLOEXEC).map_err(sys("watch for SIGTERM"))?;
+            supervise(child, &config.cgroup, console_read, terminate, &mut console)
         }
     }
 }
@@ -165,10 +181,17 @@ fn map_ids(child: Pid, base: u32) -> Result<(), LaunchError> {
     Ok(())
 }
 
-/// Drains the console until the jail's init exits, killing the jail if
-/// the lifeline on stdin closes first. Returns the exit code (128 + signal
-/// when killed).
-fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, console: &mut CappedLog) -> Result<i32, LaunchError> {
+/// The signal on which the launcher kills its jail.
+fn terminate_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(UnixSignal::SIGTERM);
+    set
+}
+
+/// Drains the console until the jail's init exits; on SIGTERM kills the
+/// init and thaws the jail so that the kill lands. Returns the exit code
+/// (128 + signal when killed).
+fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, terminate: SignalFd, console: &mut CappedLog) -> Result<i32, LaunchError> {
     // SAFETY: pidfd_open with a pid we forked and have not reaped.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as libc::c_int;
     if pidfd < 0 {
@@ -178,7 +201,7 @@ fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, console: &mut C
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let mut output = File::from(console_read);
     let mut watched = [
-        libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: output.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
@@ -189,11 +212,10 @@ fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, console: &mut C
             return Err(sys("watch the jail's init")(nix::Error::last()));
         }
         if watched[0].revents != 0 {
-            // The daemon let go: nothing may outlive it. A frozen jail only
-            // dies once thawed.
-            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            // The daemon wants the jail gone. A frozen jail only dies once thawed.
+            let _ = terminate.read_signal();
+            let _ = nix::sys::signal::kill(child, UnixSignal::SIGKILL);
             let _ = cgroup.thaw();
-            watched[0].fd = -1;
         }
         if watched[1].revents != 0 {
             match output.read(&mut buffer) {
@@ -251,6 +273,8 @@ fn become_init(config: &LaunchConfig, console: OwnedFd, unshared: Signal, mapped
         return Err(LaunchError::IdMap(std::io::Error::other("the launcher went away before mapping ids")));
     }
     become_root_of_namespace()?;
+    // Changing credentials cleared the parent-death signal.
+    die_with_parent();
     limit_open_files(config.max_open_files)?;
     caps::drop_all_but_kept()?;
     // SAFETY: prctl with integer arguments only.

@@ -8,6 +8,11 @@
 //! `/proc`, no `/sys`, a read-only `/dev`, lo only, a seccomp allow-list
 //! and no inherited fds. The agent runs as PID 1 and serves on a socket
 //! the daemon created in a directory the jail cannot see.
+//!
+//! A jail outlives the daemon: its launcher supervises it on its own, and
+//! a restarted daemon re-adopts it from its [`JailRecord`] (the launcher
+//! watched through a pidfd, the cgroup found by name, the id range
+//! reserved again). A daemon that wants a jail gone kills it explicitly.
 
 mod backend;
 mod caps;
@@ -19,9 +24,10 @@ mod mounts;
 mod seccomp;
 
 use std::{
+    collections::HashSet,
     fs,
     os::{
-        fd::{AsRawFd, OwnedFd},
+        fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::{fs::PermissionsExt, net::UnixListener, process::CommandExt},
     },
     path::{Path, PathBuf},
@@ -54,6 +60,10 @@ pub enum JailError {
     Disk(#[from] disk::DiskError),
     #[error("{0}")]
     Setup(String),
+    #[error("cannot re-adopt the jail: {0}")]
+    Adopt(String),
+    #[error("the jail's init exited while the daemon was away; last console output: {0}")]
+    Gone(String),
 }
 
 /// Everything needed to start one jail.
@@ -115,15 +125,107 @@ impl IdLeases {
         taken.insert(slot);
         Ok(IdLease { slot, leases: Arc::clone(&self.0) })
     }
+
+    /// Takes `slot` again for a re-adopted jail, which held it before the
+    /// daemon restarted.
+    pub fn reserve(&self, slot: u32) -> Result<IdLease, JailError> {
+        let mut taken = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot >= ID_SLOTS || !taken.insert(slot) {
+            return Err(JailError::Adopt(format!("its uid range {slot} is out of bounds or already held by another jail")));
+        }
+        Ok(IdLease { slot, leases: Arc::clone(&self.0) })
+    }
 }
 
-/// A running jail. Dropping it destroys it.
+/// What a restarted daemon needs to re-adopt a jail (stored, as JSON, in
+/// the daemon's registry).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JailRecord {
+    /// Its range of host ids.
+    pub id_slot: u32,
+    pub launcher_pid: i32,
+    /// The launcher's start time (clock ticks after boot, /proc/PID/stat),
+    /// so that a reused pid is never taken for the launcher.
+    pub launcher_started: u64,
+    /// Its cgroup, `sandboxd/<name>`.
+    pub cgroup_name: String,
+    pub state_dir: PathBuf,
+}
+
+/// The process supervising a jail: our child, or, after a restart, a
+/// launcher an earlier run started, watched through a pidfd.
+enum Launcher {
+    Child(Child),
+    Adopted { pid: i32, pidfd: OwnedFd },
+}
+
+impl Launcher {
+    fn pid(&self) -> i32 {
+        match self {
+            Launcher::Child(child) => child.id() as i32,
+            Launcher::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    fn has_exited(&mut self) -> bool {
+        match self {
+            Launcher::Child(child) => !matches!(child.try_wait(), Ok(None)),
+            Launcher::Adopted { pidfd, .. } => pidfd_has_exited(pidfd),
+        }
+    }
+
+    /// Sends `signal` to the launcher (SIGTERM: kill your jail).
+    fn signal(&mut self, signal: libc::c_int) {
+        match self {
+            // An unreaped child's pid cannot have been reused.
+            Launcher::Child(child) => {
+                if matches!(child.try_wait(), Ok(None)) {
+                    // SAFETY: kill(2) with plain integers.
+                    unsafe { libc::kill(child.id() as i32, signal) };
+                }
+            }
+            // SAFETY: pidfd_send_signal on a pidfd we own; it cannot reach a reused pid.
+            Launcher::Adopted { pidfd, .. } => unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0);
+            },
+        }
+    }
+}
+
+/// Whether the process behind `pidfd` has exited (without waiting).
+fn pidfd_has_exited(pidfd: &OwnedFd) -> bool {
+    let mut watched = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one live pollfd we own.
+    let ready = unsafe { libc::poll(&mut watched, 1, 0) };
+    ready > 0
+}
+
+/// Opens a pidfd on `pid`.
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with plain integers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh pidfd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// When process `pid` started (clock ticks after boot), if it exists.
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the command (field 2) may hold spaces but ends at the last ')'.
+    let after_command = &stat[stat.rfind(')')? + 1..];
+    after_command.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A running jail. Dropping it destroys it, unless it was released to
+/// outlive the daemon.
 pub struct Jail {
     state_dir: PathBuf,
     cgroup: Cgroup,
-    launcher: Mutex<Child>,
-    /// Write end of the launcher's stdin; closing it kills the jail.
-    lifeline: Option<OwnedFd>,
+    cgroup_name: String,
+    launcher: Mutex<Launcher>,
     ids: IdLease,
     torn_down: bool,
 }
@@ -172,7 +274,8 @@ impl Jail {
         let socket = spec.state_dir.join("agent.sock");
         let listener = UnixListener::bind(&socket).map_err(state_dir_error(&socket))?;
         fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(state_dir_error(&socket))?;
-        let cgroup = Cgroup::create(flavor, &format!("{}/{}", spec.cgroup_group, spec.id), &spec.limits)?;
+        let cgroup_name = format!("{}/{}", spec.cgroup_group, spec.id);
+        let cgroup = Cgroup::create(flavor, &cgroup_name, &spec.limits)?;
         let command = spec.command.clone().unwrap_or_else(|| {
             vec![mounts::AGENT_PATH.into(), "--listen-fd".into(), AGENT_FD.to_string()]
         });
@@ -188,17 +291,14 @@ impl Jail {
             max_open_files: MAX_OPEN_FILES,
             command,
         };
-        let (lifeline_read, lifeline) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| JailError::Setup(format!("cannot create the jail's lifeline pipe: {e}")))?;
-        let child = console::create(&config.console)
-            .and_then(|console| launch(&spec.launcher, &config, lifeline_read, &listener, console));
+        let child = console::create(&config.console).and_then(|console| launch(&spec.launcher, &config, &listener, console));
         let cgroup = config.cgroup;
         match child {
             Ok(child) => Ok(Jail {
                 state_dir: spec.state_dir,
                 cgroup,
-                launcher: Mutex::new(child),
-                lifeline: Some(lifeline),
+                cgroup_name,
+                launcher: Mutex::new(Launcher::Child(child)),
                 ids,
                 torn_down: false,
             }),
@@ -208,6 +308,54 @@ impl Jail {
                 Err(JailError::Launch { launcher: spec.launcher, source })
             }
         }
+    }
+
+    /// Finds the jail of `record` again after the daemon restarted: its
+    /// launcher must be the very process that started it (same pid and
+    /// start time) and still running. A jail whose launcher is gone is
+    /// [`JailError::Gone`], with what its console said last.
+    pub fn adopt(record: &JailRecord, leases: &IdLeases) -> Result<Jail, JailError> {
+        let flavor = cgroup::detect()?;
+        let console = || console::tail(&record.state_dir.join("console.log"));
+        if process_start_time(record.launcher_pid) != Some(record.launcher_started) {
+            return Err(JailError::Gone(crate::backend::last_lines(&console(), 3)));
+        }
+        let pidfd = pidfd_open(record.launcher_pid).map_err(|e| JailError::Adopt(format!("cannot watch its launcher {}: {e}", record.launcher_pid)))?;
+        // The start time was read before the pidfd was opened: check again
+        // that the pidfd is the launcher's and not a newcomer's.
+        if process_start_time(record.launcher_pid) != Some(record.launcher_started) || pidfd_has_exited(&pidfd) {
+            return Err(JailError::Gone(crate::backend::last_lines(&console(), 3)));
+        }
+        if !record.state_dir.join("agent.sock").exists() {
+            return Err(JailError::Adopt(format!("its agent socket {} is missing", record.state_dir.join("agent.sock").display())));
+        }
+        let ids = leases.reserve(record.id_slot)?;
+        Ok(Jail {
+            state_dir: record.state_dir.clone(),
+            cgroup: Cgroup::at(flavor, &record.cgroup_name),
+            cgroup_name: record.cgroup_name.clone(),
+            launcher: Mutex::new(Launcher::Adopted { pid: record.launcher_pid, pidfd }),
+            ids,
+            torn_down: false,
+        })
+    }
+
+    /// What a restarted daemon needs to re-adopt this jail.
+    pub fn record(&self) -> JailRecord {
+        let launcher_pid = self.launcher.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pid();
+        JailRecord {
+            id_slot: self.ids.slot,
+            launcher_pid,
+            launcher_started: process_start_time(launcher_pid).unwrap_or_default(),
+            cgroup_name: self.cgroup_name.clone(),
+            state_dir: self.state_dir.clone(),
+        }
+    }
+
+    /// Lets the jail run on without this daemon (which is stopping and
+    /// will re-adopt it): nothing is killed or removed.
+    pub fn release(mut self) {
+        self.torn_down = true;
     }
 
     /// Host path of the agent's socket: in the jail's state directory,
@@ -245,8 +393,8 @@ impl Jail {
 
     /// Whether the jail's init is still running.
     pub fn is_alive(&self) -> bool {
-        let mut launcher = self.launcher.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        matches!(launcher.try_wait(), Ok(None))
+        // The launcher exits as soon as the jail's init does.
+        !self.launcher.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).has_exited()
     }
 
     /// Kills everything in the jail and deletes its cgroup and state.
@@ -256,11 +404,12 @@ impl Jail {
 
     fn tear_down(&mut self) -> Result<(), JailError> {
         self.torn_down = true;
-        // The launcher kills and thaws the jail when its lifeline closes;
-        // the cgroup's removal kills whatever is left.
-        drop(self.lifeline.take());
-        let removed = self.cgroup.remove();
+        // The launcher kills the jail's init (and so its pid namespace) on
+        // SIGTERM and thaws it; removing the cgroup kills whatever is left.
+        // The launcher, outside the cgroup, then exits with the init.
         let mut launcher = self.launcher.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        launcher.signal(libc::SIGTERM);
+        let removed = self.cgroup.remove();
         reap_within(&mut launcher, LAUNCHER_EXIT_TIMEOUT);
         drop(launcher);
         removed?;
@@ -268,9 +417,11 @@ impl Jail {
     }
 }
 
-/// Starts `sandboxd jail-exec` with the lifeline on stdin, its own errors
-/// going to the console file, and the agent's listening socket as fd 3.
-fn launch(launcher: &Path, config: &LaunchConfig, lifeline: OwnedFd, listener: &UnixListener, console: fs::File) -> std::io::Result<Child> {
+/// Starts `sandboxd jail-exec` in a session of its own (a signal to the
+/// daemon's terminal or process group never reaches it), with its own
+/// errors going to the console file and the agent's listening socket as
+/// fd 3.
+fn launch(launcher: &Path, config: &LaunchConfig, listener: &UnixListener, console: fs::File) -> std::io::Result<Child> {
     let config = serde_json::to_string(config).map_err(std::io::Error::other)?;
     let listener_fd = listener.as_raw_fd();
     let mut command = Command::new(launcher);
@@ -278,13 +429,16 @@ fn launch(launcher: &Path, config: &LaunchConfig, lifeline: OwnedFd, listener: &
         .arg("jail-exec")
         .env_clear()
         .env(CONFIG_ENV, config)
-        .stdin(Stdio::from(lifeline))
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(console);
     // SAFETY: the closure runs in the forked child before exec and only
-    // calls dup2 and fcntl, which are async-signal-safe.
+    // calls setsid, dup2 and fcntl, which are async-signal-safe.
     unsafe {
         command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let moved = if listener_fd == AGENT_FD {
                 libc::fcntl(AGENT_FD, libc::F_SETFD, 0)
             } else {
@@ -299,22 +453,23 @@ fn launch(launcher: &Path, config: &LaunchConfig, lifeline: OwnedFd, listener: &
     command.spawn()
 }
 
-/// Waits up to `timeout` for `child` to exit, then kills it and waits as
-/// long again; never blocks for good on a process that will not die.
-fn reap_within(child: &mut Child, timeout: Duration) {
+/// Waits up to `timeout` for the launcher to exit, then kills it and
+/// waits as long again; never blocks for good on a process that will not
+/// die.
+fn reap_within(launcher: &mut Launcher, timeout: Duration) {
     for kill in [false, true] {
         if kill {
-            let _ = child.kill();
+            launcher.signal(libc::SIGKILL);
         }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
+            if launcher.has_exited() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    tracing::warn!(pid = child.id(), "a jail launcher did not exit after SIGKILL; leaving it");
+    tracing::warn!(pid = launcher.pid(), "a jail launcher did not exit after SIGKILL; leaving it");
 }
 
 impl Drop for Jail {
@@ -327,14 +482,15 @@ impl Drop for Jail {
     }
 }
 
-/// Kills and removes what an earlier run of this daemon left: jail
-/// cgroups under `group` and jail directories under `jails_dir`. Their
-/// launchers killed the jails when the daemon's lifelines closed; this
-/// catches the rest. Returns how many of each it removed.
-pub fn reap_leftovers(flavor: CgroupFlavor, group: &str, jails_dir: &Path) -> (usize, usize) {
+/// Kills and removes what an earlier run of this daemon left that is not
+/// in `keep` (the ids of re-adopted jails): jail cgroups under `group`
+/// (their launchers exit with the jails' inits) and jail directories
+/// under `jails_dir`. Returns how many of each it removed.
+pub fn reap_leftovers(flavor: CgroupFlavor, group: &str, jails_dir: &Path, keep: &HashSet<String>) -> (usize, usize) {
+    let unknown = |name: Option<String>| name.is_none_or(|name| !keep.contains(&name));
     let cgroups = Cgroup::children(flavor, group);
     let mut reaped_cgroups = 0;
-    for cgroup in &cgroups {
+    for cgroup in cgroups.iter().filter(|cgroup| unknown(cgroup_leaf_name(cgroup))) {
         match cgroup.remove() {
             Ok(()) => reaped_cgroups += 1,
             Err(error) => tracing::warn!(%error, "cannot remove a jail cgroup left by an earlier run"),
@@ -342,6 +498,9 @@ pub fn reap_leftovers(flavor: CgroupFlavor, group: &str, jails_dir: &Path) -> (u
     }
     let mut reaped_dirs = 0;
     for entry in fs::read_dir(jails_dir).into_iter().flatten().flatten() {
+        if !unknown(entry.file_name().into_string().ok()) {
+            continue;
+        }
         let path = entry.path();
         match fs::remove_dir_all(&path) {
             Ok(()) => reaped_dirs += 1,
@@ -349,4 +508,31 @@ pub fn reap_leftovers(flavor: CgroupFlavor, group: &str, jails_dir: &Path) -> (u
         }
     }
     (reaped_cgroups, reaped_dirs)
+}
+
+/// The last part of a cgroup's name: the jail's id.
+fn cgroup_leaf_name(cgroup: &Cgroup) -> Option<String> {
+    let procs = cgroup.procs_files().into_iter().next()?;
+    procs.parent()?.file_name()?.to_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_of(pid: i32, started: u64, state_dir: PathBuf) -> JailRecord {
+        JailRecord { id_slot: 7, launcher_pid: pid, launcher_started: started, cgroup_name: "test/none".into(), state_dir }
+    }
+
+    #[test]
+    fn a_reused_launcher_pid_is_never_adopted() {
+        let me = std::process::id() as i32;
+        let started = process_start_time(me).expect("this process has a start time");
+        let leases = IdLeases::default();
+        let stranger = Jail::adopt(&record_of(me, started + 1, PathBuf::from("/nonexistent")), &leases);
+        assert!(matches!(stranger, Err(JailError::Gone(_))), "another process under the launcher's pid must read as gone");
+        let no_socket = Jail::adopt(&record_of(me, started, PathBuf::from("/nonexistent")), &leases);
+        assert!(matches!(no_socket, Err(JailError::Adopt(_))), "a jail without its agent socket is not adopted");
+        assert!(leases.reserve(7).is_ok(), "a failed adoption leaves its uid range free");
+    }
 }

@@ -1,0 +1,240 @@
+//! No sandbox is lost when the daemon restarts (jail backend): with a
+//! running sandbox whose background process keeps counting, a paused one
+//! and a full warm pool, the daemon is killed with SIGKILL (or stopped
+//! with SIGTERM, which keeps sandboxes by default) and started again. The
+//! sandboxes come back with their metadata and lifetime, the counter goes
+//! on, the paused one resumes with its files, the pool refills with new
+//! guests, and no jail is left that is neither a sandbox nor pooled.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use sandbox_proto::api::{
+    CreateSandboxRequest, DeleteSandboxRequest, GetSandboxRequest, ListSandboxesRequest, PauseSandboxRequest,
+    ResumeSandboxRequest, Sandbox,
+};
+use sandboxd_tests::{Clients, Daemon, DaemonOptions};
+use tonic::Code;
+
+const READY: &str = "sandboxd_pool_ready{template=\"default\"}";
+const POOL_SIZE: usize = 2;
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Starts a process that outlives its Exec and writes a rising counter.
+const COUNTER: &str =
+    r#"nohup sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /home/user/count; sleep 0.2; done" >/dev/null 2>&1 &"#;
+
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    Kill,
+    Terminate,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandboxes_survive_a_killed_daemon() {
+    survives(Restart::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandboxes_survive_a_graceful_stop_and_start() {
+    survives(Restart::Terminate).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_stop_delete_leaves_no_sandbox() {
+    let mut daemon = Daemon::start(options("delete")).await;
+    let mut api = daemon.clients(None).await;
+    let id = create(&mut api, "doomed").await;
+    daemon.terminate_and_restart(DEADLINE).await;
+    let mut api = daemon.clients(None).await;
+    let status = api.sandboxes.get(GetSandboxRequest { id: id.clone() }).await.expect_err("the sandbox was deleted at stop");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(!jails_dir(&daemon).join(&id).exists(), "the deleted sandbox's jail is left");
+}
+
+async fn survives(restart: Restart) {
+    let mut daemon = Daemon::start(options("keep")).await;
+    let _reaper = KillJailsOnPanic(jails_dir(&daemon));
+    wait_for_pool(&daemon).await;
+    let mut api = daemon.clients(None).await;
+    let counting = create(&mut api, "counter").await;
+    let paused = create(&mut api, "paused").await;
+    api.sh(&counting, COUNTER).await;
+    api.sh(&paused, "echo kept > /home/user/file").await;
+    api.sandboxes.pause(PauseSandboxRequest { id: paused.clone() }).await.expect("Pause");
+    let counted = wait_for_count_above(&mut api, &counting, 0).await;
+    let before = list(&mut api).await;
+    wait_for_pool(&daemon).await;
+    let pooled: BTreeSet<String> = jail_dirs(&daemon).into_iter().filter(|id| !before.contains_key(id)).collect();
+    assert_eq!(pooled.len(), POOL_SIZE, "the pool's jails before the restart");
+    let pooled_pids: Vec<u32> = pooled.iter().flat_map(|id| cgroup_pids(id)).collect();
+    assert!(!pooled_pids.is_empty(), "pooled jails have processes");
+
+    match restart {
+        Restart::Kill => daemon.kill_and_restart(DEADLINE).await,
+        Restart::Terminate => daemon.terminate_and_restart(DEADLINE).await,
+    }
+
+    let mut api = daemon.clients(None).await;
+    let after = list(&mut api).await;
+    assert_eq!(after.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>(), "the same sandboxes after {restart:?}");
+    for (id, sandbox) in &after {
+        let earlier = &before[id];
+        assert_eq!(sandbox.metadata, earlier.metadata, "{id}'s metadata");
+        assert_eq!(sandbox.state, earlier.state, "{id}'s state");
+        assert_eq!(sandbox.limits, earlier.limits, "{id}'s limits");
+        assert_eq!((sandbox.created_at_unix_ms, sandbox.expires_at_unix_ms), (earlier.created_at_unix_ms, earlier.expires_at_unix_ms), "{id}'s lifetime");
+    }
+    let got = api.sandboxes.get(GetSandboxRequest { id: counting.clone() }).await.expect("Get").into_inner();
+    assert_eq!(got.metadata["role"], "counter");
+    wait_for_count_above(&mut api, &counting, counted).await;
+
+    let status = api.exec(&paused, &["true"]).await.expect_err("a paused sandbox refuses Exec");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    api.sandboxes.resume(ResumeSandboxRequest { id: paused.clone() }).await.expect("Resume after the restart");
+    assert_eq!(api.sh(&paused, "cat /home/user/file").await, "kept\n");
+
+    wait_for_pool(&daemon).await;
+    let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists() && !proc_state(*pid).starts_with('Z');
+    assert!(!pooled_pids.iter().any(alive), "processes of the old pool's jails are left: {pooled_pids:?}");
+    let jails = jail_dirs(&daemon);
+    for id in &pooled {
+        assert!(!jails.contains(id), "the old pooled jail {id} is left");
+        assert!(cgroup_dir(id).is_none(), "the old pooled jail {id}'s cgroup is left");
+    }
+    let unknown: Vec<_> = jails.iter().filter(|id| !after.contains_key(*id)).collect();
+    assert_eq!(unknown.len(), POOL_SIZE, "every jail is a sandbox or one of the refilled pool's: {unknown:?}");
+    for id in &jails {
+        assert!(cgroup_dir(id).is_some(), "jail {id} has no cgroup");
+    }
+    assert_eq!(jail_cgroups(&jails), jails, "every jail cgroup belongs to a jail directory");
+
+    for id in [counting, paused] {
+        api.sandboxes.delete(DeleteSandboxRequest { id }).await.expect("Delete");
+    }
+}
+
+/// A failed test must not leave jails that a daemon with `--on-stop keep`
+/// lets run on: kills them (through their cgroups) when dropped while
+/// panicking, before the daemon is stopped.
+struct KillJailsOnPanic(PathBuf);
+
+impl Drop for KillJailsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for id in names_in(&self.0) {
+            let dirs: Vec<PathBuf> = ["memory", "cpu", "pids", "freezer"]
+                .iter()
+                .map(|controller| format!("/sys/fs/cgroup/{controller}/sandboxd"))
+                .chain(["/sys/fs/cgroup/sandboxd".to_string()])
+                .flat_map(|root| std::fs::read_dir(root).into_iter().flatten().flatten())
+                .map(|group| group.path().join(&id))
+                .filter(|dir| dir.is_dir())
+                .collect();
+            for dir in &dirs {
+                let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+                let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+                for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.parse::<i32>().ok()) {
+                    // SAFETY: kill(2) has no memory effects.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+fn options(on_stop: &str) -> DaemonOptions {
+    DaemonOptions {
+        pool_size: POOL_SIZE,
+        metrics: true,
+        extra_args: vec!["--on-stop".into(), on_stop.into(), "--pool-max".into(), POOL_SIZE.to_string()],
+        start_timeout: DEADLINE,
+        ..Default::default()
+    }
+}
+
+async fn create(api: &mut Clients, role: &str) -> String {
+    let request = CreateSandboxRequest { metadata: [("role".to_string(), role.to_string())].into(), ..Default::default() };
+    api.sandboxes.create(request).await.expect("Create").into_inner().id
+}
+
+async fn list(api: &mut Clients) -> BTreeMap<String, Sandbox> {
+    let listed = api.sandboxes.list(ListSandboxesRequest {}).await.expect("List").into_inner();
+    listed.sandboxes.into_iter().map(|sandbox| (sandbox.id.clone(), sandbox)).collect()
+}
+
+/// Waits until the sandbox's counter file reads more than `floor`; returns it.
+async fn wait_for_count_above(api: &mut Clients, id: &str, floor: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = api.sh(id, "cat /home/user/count 2>/dev/null || echo 0").await;
+        let count: u64 = text.trim().parse().unwrap_or(0);
+        if count > floor {
+            return count;
+        }
+        assert!(Instant::now() < deadline, "the counter of {id} stays at {count} (wanted more than {floor})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_for_pool(daemon: &Daemon) {
+    let deadline = Instant::now() + DEADLINE;
+    while daemon.metric(READY) != Some(POOL_SIZE as f64) {
+        assert!(Instant::now() < deadline, "the pool holds {:?} guests, expected {POOL_SIZE}", daemon.metric(READY));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn jails_dir(daemon: &Daemon) -> PathBuf {
+    daemon.state_dir.join("jails")
+}
+
+fn jail_dirs(daemon: &Daemon) -> BTreeSet<String> {
+    names_in(&jails_dir(daemon))
+}
+
+fn names_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect()
+}
+
+/// The group directories jail cgroups live in (v1 pids controller, or v2).
+fn cgroup_groups() -> Vec<PathBuf> {
+    ["/sys/fs/cgroup/pids/sandboxd", "/sys/fs/cgroup/sandboxd"]
+        .iter()
+        .flat_map(|root| std::fs::read_dir(root).into_iter().flatten().flatten())
+        .map(|group| group.path())
+        .filter(|path| path.is_dir())
+        .collect()
+}
+
+fn cgroup_dir(id: &str) -> Option<PathBuf> {
+    cgroup_groups().into_iter().map(|group| group.join(id)).find(|dir| dir.is_dir())
+}
+
+/// The cgroups in the group of this daemon's jails (found through one of
+/// `jails`; other daemons' jails live in other groups).
+fn jail_cgroups(jails: &BTreeSet<String>) -> BTreeSet<String> {
+    let ours = cgroup_groups().into_iter().find(|group| jails.iter().any(|id| group.join(id).is_dir()));
+    ours.map(|group| names_in(&group)).unwrap_or_default()
+}
+
+fn cgroup_pids(id: &str) -> Vec<u32> {
+    let Some(dir) = cgroup_dir(id) else { return Vec::new() };
+    std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|line| line.parse().ok()).collect()
+}
+
+fn proc_state(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|line| line.strip_prefix("State:")).unwrap_or_default().trim().to_string()
+}
