@@ -199,9 +199,11 @@ pub fn run(config: VmmConfig) -> Result<VmExit, VmmError> {
 /// faults come from KVM, in the kernel) needs `/dev/userfaultfd` (Linux
 /// 6.1+, which the jail gives it) or `vm.unprivileged_userfaultfd = 1`.
 fn check_userfaultfd_access(source: &VmSource) -> Result<(), VmmError> {
-    let uses_uffd = matches!(source, VmSource::Restore { memory: MemoryMode::Uffd, .. });
+    if !matches!(source, VmSource::Restore { memory: MemoryMode::Uffd, .. }) || Path::new("/dev/userfaultfd").exists() {
+        return Ok(());
+    }
     let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
-    if uses_uffd && !Path::new("/dev/userfaultfd").exists() && sysctl.trim() != "1" {
+    if sysctl.trim() != "1" {
         return Err(VmmError::Config(
             "a jailed VMM restoring through userfaultfd needs /dev/userfaultfd (Linux 6.1+) or vm.unprivileged_userfaultfd=1: \
              set the sysctl, or restore with map-private memory"
