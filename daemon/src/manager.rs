@@ -650,7 +650,7 @@ async fn restore_one(
             Ok(Sandbox::from_record(record, state, Some(instance), reservation))
         }
         Err(error) => {
-            let reason = format!("lost while the daemon was away: {error}");
+            let reason = format!("not re-adopted after the daemon restarted: {error}");
             tracing::warn!(sandbox = %record.id, %reason, "a sandbox of the registry is reported STOPPED");
             let (id, stored_reason) = (record.id.clone(), reason.clone());
             on_registry(registry, move |registry| registry.set_state(&id, StoredState::Stopped, &stored_reason)).await?;

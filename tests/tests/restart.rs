@@ -4,7 +4,9 @@
 //! with SIGTERM, which keeps sandboxes by default) and started again. The
 //! sandboxes come back with their metadata and lifetime, the counter goes
 //! on, the paused one resumes with its files, the pool refills with new
-//! guests, and no jail is left that is neither a sandbox nor pooled.
+//! guests, and no jail is left that is neither a sandbox nor pooled. A
+//! jail that died while the daemon was away is reported STOPPED with why,
+//! and lifetimes run on across a restart.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,7 +16,7 @@ use std::{
 
 use sandbox_proto::api::{
     CreateSandboxRequest, DeleteSandboxRequest, GetSandboxRequest, ListSandboxesRequest, PauseSandboxRequest,
-    ResumeSandboxRequest, Sandbox,
+    ResumeSandboxRequest, Sandbox, SandboxState,
 };
 use sandboxd_tests::{Clients, Daemon, DaemonOptions};
 use tonic::Code;
@@ -52,6 +54,63 @@ async fn on_stop_delete_leaves_no_sandbox() {
     let status = api.sandboxes.get(GetSandboxRequest { id: id.clone() }).await.expect_err("the sandbox was deleted at stop");
     assert_eq!(status.code(), Code::NotFound);
     assert!(!jails_dir(&daemon).join(&id).exists(), "the deleted sandbox's jail is left");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jail_that_died_while_the_daemon_was_away_is_stopped_with_the_reason() {
+    let mut daemon = Daemon::start(DaemonOptions { pool_size: 0, ..Default::default() }).await;
+    let mut api = daemon.clients(None).await;
+    let id = create(&mut api, "short-lived").await;
+    // The daemon goes first, so that only the restarted one can notice.
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGKILL) };
+    while daemon.is_running() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pids = cgroup_pids(&id);
+    assert!(!pids.is_empty(), "the jail runs on without its daemon");
+    for pid in pids {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cgroup_pids(&id).is_empty() {
+        assert!(Instant::now() < deadline, "the jail's processes do not die");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill_and_restart(DEADLINE).await;
+    let mut api = daemon.clients(None).await;
+    let sandbox = api.sandboxes.get(GetSandboxRequest { id: id.clone() }).await.expect("Get").into_inner();
+    assert_eq!(sandbox.state, SandboxState::Stopped as i32, "{sandbox:?}");
+    assert!(sandbox.stopped_reason.contains("while the daemon was away"), "{}", sandbox.stopped_reason);
+    assert_eq!(sandbox.metadata["role"], "short-lived");
+    assert!(!jails_dir(&daemon).join(&id).exists() && cgroup_dir(&id).is_none(), "the dead jail's leftovers are reaped");
+    api.sandboxes.delete(DeleteSandboxRequest { id: id.clone() }).await.expect("a stopped sandbox can be deleted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lifetime_runs_on_across_a_restart() {
+    let mut daemon = Daemon::start(DaemonOptions { pool_size: 0, ..Default::default() }).await;
+    let mut api = daemon.clients(None).await;
+    let limits = sandbox_proto::api::Limits { timeout_seconds: 4, ..Default::default() };
+    let id = api.create(Some(limits)).await;
+    daemon.kill_and_restart(DEADLINE).await;
+    let mut api = daemon.clients(None).await;
+    let sandbox = api.sandboxes.get(GetSandboxRequest { id: id.clone() }).await.expect("Get right after the restart").into_inner();
+    assert_eq!(sandbox.state, SandboxState::Running as i32);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match api.sandboxes.get(GetSandboxRequest { id: id.clone() }).await {
+            Err(status) if status.code() == Code::NotFound => break,
+            _ => assert!(Instant::now() < deadline, "{id} outlived its 4 s lifetime by far"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while jails_dir(&daemon).join(&id).exists() {
+        assert!(Instant::now() < deadline, "the expired sandbox's jail is left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn survives(restart: Restart) {

@@ -8,14 +8,16 @@ use std::{
     fs::{File, OpenOptions},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
-/// Tries before giving up when other processes keep taking the free device.
-const ATTACH_TRIES: usize = 16;
+/// How long attaching keeps asking for another free device while other
+/// processes (dozens of jails starting at once) take each one first.
+const ATTACH_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -79,8 +81,9 @@ pub fn attach(file: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
     let backing = open(file, !read_only)?;
     let control = open(Path::new("/dev/loop-control"), true)?;
     let attach_error = |source| LoopError::Attach { file: file.to_path_buf(), source };
+    let deadline = Instant::now() + ATTACH_DEADLINE;
     let mut last_error = std::io::Error::from(std::io::ErrorKind::ResourceBusy);
-    for _ in 0..ATTACH_TRIES {
+    for round in 0u64.. {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
         let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if number < 0 {
@@ -98,10 +101,14 @@ pub fn attach(file: &Path, read_only: bool) -> Result<LoopDevice, LoopError> {
             return Ok(LoopDevice { path, _device: device });
         }
         last_error = std::io::Error::last_os_error();
-        // EBUSY: another process took this device first; ask for another.
-        if last_error.raw_os_error() != Some(libc::EBUSY) {
+        // EBUSY: another process took this device first; ask for another,
+        // after a pause that grows and differs between processes, so that
+        // the racers spread out.
+        if last_error.raw_os_error() != Some(libc::EBUSY) || Instant::now() >= deadline {
             break;
         }
+        let jitter = u64::from(std::process::id() % 8);
+        std::thread::sleep(Duration::from_micros(100 * (round.min(20) + jitter)));
     }
     Err(attach_error(last_error))
 }
