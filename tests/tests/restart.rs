@@ -130,6 +130,12 @@ async fn survives(restart: Restart) {
     assert_eq!(pooled.len(), POOL_SIZE, "the pool's jails before the restart");
     let pooled_pids: Vec<u32> = pooled.iter().flat_map(|id| cgroup_pids(id)).collect();
     assert!(!pooled_pids.is_empty(), "pooled jails have processes");
+    assert!(is_frozen(&paused), "the paused sandbox is frozen");
+    if let Restart::Kill = restart {
+        // As if the daemon died halfway through a Resume: thawed, but
+        // still paused in the registry.
+        set_frozen(&paused, false);
+    }
 
     match restart {
         Restart::Kill => daemon.kill_and_restart(DEADLINE).await,
@@ -150,6 +156,7 @@ async fn survives(restart: Restart) {
     assert_eq!(got.metadata["role"], "counter");
     wait_for_count_above(&mut api, &counting, counted).await;
 
+    assert!(is_frozen(&paused), "the paused sandbox is frozen after the restart, as the registry says");
     let status = api.exec(&paused, &["true"]).await.expect_err("a paused sandbox refuses Exec");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     api.sandboxes.resume(ResumeSandboxRequest { id: paused.clone() }).await.expect("Resume after the restart");
@@ -286,6 +293,31 @@ fn cgroup_dir(id: &str) -> Option<PathBuf> {
 fn jail_cgroups(jails: &BTreeSet<String>) -> BTreeSet<String> {
     let ours = cgroup_groups().into_iter().find(|group| jails.iter().any(|id| group.join(id).is_dir()));
     ours.map(|group| names_in(&group)).unwrap_or_default()
+}
+
+/// The jail's freezer file and the values for frozen and thawed (cgroup
+/// v1 freezer, or v2 cgroup.freeze).
+fn freezer(id: &str) -> (PathBuf, &'static str, &'static str) {
+    let v1 = std::fs::read_dir("/sys/fs/cgroup/freezer/sandboxd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|group| group.path().join(id).join("freezer.state"))
+        .find(|file| file.exists());
+    match v1 {
+        Some(file) => (file, "FROZEN", "THAWED"),
+        None => (cgroup_dir(id).expect("the jail has a cgroup").join("cgroup.freeze"), "1", "0"),
+    }
+}
+
+fn is_frozen(id: &str) -> bool {
+    let (file, frozen, _) = freezer(id);
+    std::fs::read_to_string(file).unwrap_or_default().trim() == frozen
+}
+
+fn set_frozen(id: &str, frozen: bool) {
+    let (file, yes, no) = freezer(id);
+    std::fs::write(&file, if frozen { yes } else { no }).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
 }
 
 fn cgroup_pids(id: &str) -> Vec<u32> {

@@ -144,6 +144,12 @@ impl Backend for JailBackend {
             other => BackendError::Adopt(other.to_string()),
         })?;
         let jail = Arc::new(jail);
+        // The registry has the last word: a daemon that died between
+        // freezing (or thawing) a jail and recording it left the two apart.
+        let settle = Arc::clone(&jail);
+        if let Err(error) = blocking(move || if paused { settle.freeze() } else { settle.thaw() }).await {
+            tracing::warn!(%error, sandbox = %id, paused, "cannot bring a re-adopted jail back to its recorded state; keeping it as it is");
+        }
         let address = AgentAddress::Unix(jail.agent_socket());
         // A frozen agent cannot answer until it is resumed.
         let agent = if paused {
