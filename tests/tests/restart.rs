@@ -6,7 +6,8 @@
 //! on, the paused one resumes with its files, the pool refills with new
 //! guests, and no jail is left that is neither a sandbox nor pooled. A
 //! jail that died while the daemon was away is reported STOPPED with why,
-//! and lifetimes run on across a restart.
+//! lifetimes run on across a restart, and an Exec cut off by the daemon's
+//! death is reattached afterwards with all its output.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,10 +16,10 @@ use std::{
 };
 
 use sandbox_proto::api::{
-    CreateSandboxRequest, DeleteSandboxRequest, GetSandboxRequest, ListSandboxesRequest, PauseSandboxRequest,
+    exec_event::Event, AttachRequest, CreateSandboxRequest, ExecRequest, DeleteSandboxRequest, GetSandboxRequest, ListSandboxesRequest, PauseSandboxRequest,
     ResumeSandboxRequest, Sandbox, SandboxState,
 };
-use sandboxd_tests::{Clients, Daemon, DaemonOptions};
+use sandboxd_tests::{Clients, Daemon, DaemonOptions, Output};
 use tonic::Code;
 
 const READY: &str = "sandboxd_pool_ready{template=\"default\"}";
@@ -111,6 +112,38 @@ async fn the_lifetime_runs_on_across_a_restart() {
         assert!(Instant::now() < deadline, "the expired sandbox's jail is left");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_cut_off_by_the_daemons_death_is_reattached_after_the_restart() {
+    let mut daemon = Daemon::start(DaemonOptions { pool_size: 0, ..Default::default() }).await;
+    let mut api = daemon.clients(None).await;
+    let id = api.create(None).await;
+    let count = "for i in $(seq 1 50); do echo $i; sleep 0.1; done";
+    let request = ExecRequest { sandbox_id: id.clone(), argv: vec!["sh".into(), "-c".into(), count.into()], ..Default::default() };
+    let mut events = api.processes.exec(request).await.expect("Exec").into_inner();
+    let handle = loop {
+        let event = events.message().await.expect("the Exec stream").expect("a started event");
+        if let Some(Event::Started(started)) = event.event {
+            break started.handle;
+        }
+    };
+    daemon.kill_and_restart(DEADLINE).await;
+    let mut api = daemon.clients(None).await;
+    let attach = AttachRequest { sandbox_id: id.clone(), handle, from_offset: 0 };
+    let mut events = api.processes.attach(attach).await.expect("Attach after the restart").into_inner();
+    let mut output = Output::default();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = events.message().await.expect("the Attach stream ends cleanly") {
+            output.absorb(event);
+        }
+    })
+    .await
+    .expect("the process reached its exit");
+    let expected: String = (1..=50).map(|i| format!("{i}\n")).collect();
+    assert_eq!(output.stdout_text(), expected, "1..50, each once, across the daemon's death");
+    assert_eq!(output.code(), Some(0));
+    api.sandboxes.delete(DeleteSandboxRequest { id }).await.expect("Delete");
 }
 
 async fn survives(restart: Restart) {
