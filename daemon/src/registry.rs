@@ -121,7 +121,12 @@ impl Registry {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(failed)?;
         let connection = Connection::open(&path).map_err(sql("open"))?;
         connection.busy_timeout(BUSY_TIMEOUT).map_err(sql("set its lock timeout"))?;
-        connection.pragma_update(None, "synchronous", "FULL").map_err(sql("set synchronous writes"))?;
+        // A write-ahead log with normal syncing: a commit is in the log (the
+        // kernel's hands) before the API answers, so it survives a daemon
+        // crash or kill -9; only a host power loss can take the last
+        // commits. Fully synchronous commits cost about 40x more here.
+        connection.pragma_update(None, "journal_mode", "WAL").map_err(sql("use a write-ahead log"))?;
+        connection.pragma_update(None, "synchronous", "NORMAL").map_err(sql("set its syncing"))?;
         connection.execute_batch(SCHEMA).map_err(sql("create its table"))?;
         Ok(Self { connection: Mutex::new(connection) })
     }

@@ -219,6 +219,14 @@ impl Cgroup {
         fs::read_to_string(self.controller("memory").join(file)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
+    /// Removes the directories if nothing lives in them any more (a group
+    /// whose sandboxes are all gone); leaves them otherwise.
+    pub fn remove_if_empty(&self) {
+        for dir in &self.dirs {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
     /// Kills every process inside, then removes the directories.
     pub fn remove(&self) -> Result<(), CgroupError> {
         let _ = self.thaw();

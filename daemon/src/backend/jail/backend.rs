@@ -19,7 +19,7 @@ use sha2::Digest;
 use tonic::transport::Channel;
 
 use super::{host_support, loopdev, private_dir, reap_leftovers, CgroupFlavor, IdLeases, Jail, JailError, JailLimits, JailRecord, JailSpec};
-use crate::backend::{Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits};
+use crate::backend::{cgroup::Cgroup, Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits};
 use crate::agent_client::{self, AgentAddress};
 
 /// How long a new jail's agent has to answer `Hello`.
@@ -61,6 +61,14 @@ impl JailBackend {
         mount_image(&rootfs_image, &image)?;
         tracing::info!(cgroups = ?flavor, image = %rootfs_image.display(), "jail backend: user, mount, pid, network, ipc, uts and cgroup namespaces, a disk and a cgroup per sandbox, seccomp allow-list");
         Ok(Self { jails_dir, image, agent_binary, launcher, cgroup_group, flavor, ids: IdLeases::default() })
+    }
+}
+
+impl Drop for JailBackend {
+    /// When the daemon ends with no jails left (they were deleted, or this
+    /// daemon never had any), its cgroup group goes too.
+    fn drop(&mut self) {
+        Cgroup::at(self.flavor, &self.cgroup_group).remove_if_empty();
     }
 }
 
