@@ -612,8 +612,11 @@ async fn restore(
     tokio::task::spawn_blocking(move || reaper.reap_unknown(&keep))
         .await
         .map_err(|join| RegistryError::Task(join.to_string()))?;
+    let stopped = sandboxes.len() - adopted.len();
+    ::metrics::counter!(metrics::SANDBOXES_READOPTED, "outcome" => "adopted").increment(adopted.len() as u64);
+    ::metrics::counter!(metrics::SANDBOXES_READOPTED, "outcome" => "stopped").increment(stopped as u64);
     if !sandboxes.is_empty() {
-        tracing::info!(adopted = adopted.len(), stopped = sandboxes.len() - adopted.len(), "restored the sandboxes of the registry");
+        tracing::info!(adopted = adopted.len(), stopped, "restored the sandboxes of the registry");
     }
     Ok(sandboxes)
 }

@@ -17,6 +17,10 @@ pub const POOL_MEMORY_BYTES: &str = "sandboxd_pool_memory_bytes";
 pub const RESTORE_SECONDS: &str = "sandboxd_restore_duration_seconds";
 pub const UFFD_FAULTS: &str = "sandboxd_uffd_faults_total";
 pub const UFFD_PAGES_PREFETCHED: &str = "sandboxd_uffd_pages_prefetched_total";
+pub const RESTORES: &str = "sandboxd_restores_total";
+pub const VMMS_KILLED: &str = "sandboxd_vmms_killed_total";
+pub const SANDBOXES_READOPTED: &str = "sandboxd_sandboxes_readopted_total";
+pub const GUESTS_REAPED: &str = "sandboxd_guests_reaped_total";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -47,5 +51,9 @@ fn describe() {
     metrics::describe_counter!(UFFD_FAULTS, "guest page faults served by userfaultfd handlers of VMMs that have ended");
     metrics::describe_counter!(UFFD_PAGES_PREFETCHED, "pages prefetched from recorded working sets by VMMs that have ended");
     metrics::describe_counter!(POOL_HITS, "Creates served from the warm pool");
+    metrics::describe_counter!(RESTORES, "microVM snapshot restores by memory mode and outcome (ok, failed)");
+    metrics::describe_counter!(VMMS_KILLED, "VMMs killed because they stopped answering a control request (hangs detected)");
+    metrics::describe_counter!(SANDBOXES_READOPTED, "sandboxes of the registry brought back at start, by outcome (adopted, stopped)");
+    metrics::describe_counter!(GUESTS_REAPED, "guests of an earlier run removed at start because the registry did not know them");
     metrics::describe_counter!(POOL_MISSES, "Creates that launched a guest cold");
 }

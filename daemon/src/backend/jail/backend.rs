@@ -176,6 +176,7 @@ impl Backend for JailBackend {
 
     fn reap_unknown(&self, keep: &HashSet<String>) {
         let (cgroups, dirs) = reap_leftovers(self.flavor, &self.cgroup_group, &self.jails_dir, keep);
+        ::metrics::counter!(crate::metrics::GUESTS_REAPED, "backend" => "jail").increment(dirs as u64);
         if cgroups + dirs > 0 {
             tracing::warn!(cgroups, dirs, kept = keep.len(), "removed jails of an earlier run that the registry does not know (pooled or half-made ones)");
         }

@@ -221,10 +221,14 @@ impl MicroVm {
             Ok(agent) => {
                 if let Some(mode) = label {
                     ::metrics::histogram!(metrics::RESTORE_SECONDS, "mode" => mode).record(started.elapsed().as_secs_f64());
+                    ::metrics::counter!(metrics::RESTORES, "mode" => mode, "outcome" => "ok").increment(1);
                 }
                 Ok(agent)
             }
             Err(reason) => {
+                if let Some(mode) = label {
+                    ::metrics::counter!(metrics::RESTORES, "mode" => mode, "outcome" => "failed").increment(1);
+                }
                 self.stop().await;
                 Err(BackendError::AgentTimeout(timeout, reason))
             }

@@ -407,6 +407,7 @@ impl VmProcess {
         let Some(running) = self.lock().take() else { return "none (the VMM had exited)".into() };
         let threads = running.child.thread_states();
         tracing::error!(vmm = %self.dir.display(), %threads, "killing a VMM that stopped answering");
+        ::metrics::counter!(crate::metrics::VMMS_KILLED).increment(1);
         if let Err(error) = end(running, &self.dir) {
             tracing::error!(%error, vmm = %self.dir.display(), "the stuck VMM does not die");
         }
