@@ -2,10 +2,13 @@
 //! over the VMM's vsock unix socket with a `CONNECT <port>` handshake
 //! (microVM), and waits until it answers `Hello`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use hyper_util::rt::TokioIo;
-use sandbox_proto::agent::{agent_client::AgentClient, HelloRequest};
+use sandbox_proto::agent::{agent_client::AgentClient, HelloRequest, RefreshRequest};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UnixStream,
@@ -72,6 +75,27 @@ async fn read_line_unbuffered(stream: &mut UnixStream) -> std::io::Result<String
 pub enum AgentClientError {
     #[error("the agent at {address} did not answer Hello within {waited:?}: {last_error}")]
     NoHello { address: AgentAddress, waited: Duration, last_error: String },
+    #[error("the agent refused the clock and entropy refresh: {0}")]
+    RefreshRefused(String),
+    #[error("the agent did not take the clock and entropy refresh within {REFRESH_TIMEOUT:?}")]
+    RefreshTimeout,
+}
+
+/// How long a guest's agent has to take the clock and entropy refresh.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Gives a guest the wall-clock time and fresh entropy before it is handed
+/// out, so that guests cloned from one snapshot never share RNG state.
+pub async fn refresh(mut agent: AgentClient<Channel>) -> Result<(), AgentClientError> {
+    let request = RefreshRequest {
+        wall_clock_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
+        entropy: crate::ids::random_bytes::<64>().to_vec().into(),
+    };
+    match tokio::time::timeout(REFRESH_TIMEOUT, agent.refresh(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(AgentClientError::RefreshRefused(status.message().to_string())),
+        Err(_) => Err(AgentClientError::RefreshTimeout),
+    }
 }
 
 /// A lazily connecting channel to the agent at `address`.

@@ -19,13 +19,14 @@ use std::{
 };
 
 use sandbox_proto::{
-    agent::{agent_client::AgentClient, RefreshRequest},
+    agent::agent_client::AgentClient,
     api,
 };
 use tonic::transport::Channel;
 
 use crate::{
     admission::{Admission, AdmissionError, HostFacts, Quotas, Reservation},
+    agent_client,
     auth::Caller,
     backend::{Backend, BackendError, Instance, LaunchSpec, ResourceLimits},
     ids, metrics,
@@ -242,6 +243,18 @@ impl SandboxManager {
         Ok(Arc::new(Self { backend, templates, pools, policy, admission, registry, sandboxes: Mutex::new(sandboxes) }))
     }
 
+    /// Pushes the clock and fresh entropy to a guest about to be handed
+    /// out, unless it runs on the host's own kernel (a jail), whose clock
+    /// and CRNG it already shares, so there is no cloned state to refresh.
+    async fn refresh(&self, instance: &dyn Instance) -> Result<(), SandboxError> {
+        if self.backend.guests_share_host_kernel() {
+            return Ok(());
+        }
+        agent_client::refresh(instance.agent())
+            .await
+            .map_err(|error| SandboxError::Backend(BackendError::Control { action: "refresh", reason: error.to_string() }))
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.backend.kind().as_str()
     }
@@ -257,7 +270,7 @@ impl SandboxManager {
         // Held from here on; dropped (given back) if the launch fails.
         let reservation = self.admission.reserve(&caller.key_id, limits)?;
         let (id, instance, source) = self.obtain_guest(&template, rootfs, limits).await?;
-        if let Err(error) = refresh_guest(instance.agent()).await {
+        if let Err(error) = self.refresh(instance.as_ref()).await {
             let _ = instance.destroy().await;
             return Err(error);
         }
@@ -392,7 +405,7 @@ impl SandboxManager {
             return Err(SandboxError::NotPaused(id.to_string()));
         }
         instance.wake().await?;
-        if let Err(error) = refresh_guest(instance.agent()).await {
+        if let Err(error) = self.refresh(instance.as_ref()).await {
             // Not handed out without fresh clock and entropy: set it aside again.
             if let Err(suspend) = instance.suspend().await {
                 tracing::warn!(error = %suspend, sandbox = %id, "cannot suspend a sandbox whose refresh failed");
@@ -695,24 +708,6 @@ fn stopped_or_gone(sandbox: &Sandbox) -> SandboxError {
         _ => SandboxError::NotFound(sandbox.id.clone()),
     }
 }
-
-/// Gives a guest the wall-clock time and fresh entropy before it is handed
-/// out, so that guests cloned from one template never share RNG state.
-pub(crate) async fn refresh_guest(mut agent: AgentClient<Channel>) -> Result<(), SandboxError> {
-    let request = RefreshRequest {
-        wall_clock_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
-        entropy: ids::random_bytes::<64>().to_vec().into(),
-    };
-    let failed = |reason: String| SandboxError::Backend(BackendError::Control { action: "refresh", reason });
-    match tokio::time::timeout(REFRESH_TIMEOUT, agent.refresh(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) => Err(failed(format!("the agent refused the clock and entropy refresh: {}", status.message()))),
-        Err(_) => Err(failed(format!("the agent did not take the clock and entropy refresh within {REFRESH_TIMEOUT:?}"))),
-    }
-}
-
-/// How long a guest's agent has to take the clock and entropy refresh.
-const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

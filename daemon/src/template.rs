@@ -233,7 +233,7 @@ fn take_out(written: &Path, to: &Path) -> Result<(), TemplateError> {
 
 /// What every sandbox does first: refresh, then run a process.
 async fn first_use(agent: &mut AgentClient<Channel>) -> Result<(), String> {
-    crate::manager::refresh_guest(agent.clone()).await.map_err(|e| e.to_string())?;
+    crate::agent_client::refresh(agent.clone()).await.map_err(|e| e.to_string())?;
     let request = ExecRequest { argv: vec!["true".into()], timeout_ms: 10_000, ..Default::default() };
     let mut events = agent.exec(request).await.map_err(|s| s.message().to_string())?.into_inner();
     while events.message().await.map_err(|s| s.message().to_string())?.is_some() {}

@@ -86,6 +86,12 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
+    /// Whether guests run on the host's own kernel, sharing its clock and
+    /// CRNG (a jail), so that nothing needs refreshing before hand-out.
+    fn guests_share_host_kernel(&self) -> bool {
+        false
+    }
+
     /// Launches a guest and returns once its agent answers `Hello`.
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError>;
 

@@ -113,6 +113,10 @@ impl Backend for JailBackend {
         BackendKind::Jail
     }
 
+    fn guests_share_host_kernel(&self) -> bool {
+        true
+    }
+
     async fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
         let ids = self.ids.lease().map_err(|error| BackendError::Launch(error.to_string()))?;
         let jail_spec = JailSpec {
