@@ -259,13 +259,15 @@ impl StressTally {
                 Some(value)
             }
             Ok(Err(error)) => {
-                eprintln!("stress: cycle {cycle}: {name} failed: {error}");
+                eprintln!("stress: cycle {cycle}: {name} failed after {:.1?}: {error}; microVM logs follow", started.elapsed());
+                print_vm_logs();
                 self.failed.push(format!("cycle {cycle}: {name}: {error}"));
                 None
             }
             Err(_) => {
-                eprintln!("stress: cycle {cycle}: {name} hung for {STRESS_STEP_DEADLINE:?}; threads follow");
+                eprintln!("stress: cycle {cycle}: {name} hung for {STRESS_STEP_DEADLINE:?}; threads and microVM logs follow");
                 sandboxd_tests::dump_threads();
+                print_vm_logs();
                 self.hung.push(format!("cycle {cycle}: {name}"));
                 None
             }
@@ -284,17 +286,13 @@ impl StressTally {
 }
 
 /// Creates a sandbox from `template` (a restore, or a take from the pool)
-/// and checks that its agent runs a command.
+/// and checks that its agent runs a command. One that does not is left for
+/// the daemon to remove when it stops, so that its logs can be printed.
 async fn create_and_check(api: &mut Clients, template: &str) -> Result<String, String> {
     let request = CreateSandboxRequest { template: template.into(), ..Default::default() };
     let id = api.sandboxes.create(request).await.map_err(|e| format!("Create: {e}"))?.into_inner().id;
-    match answers(api, &id).await {
-        Ok(()) => Ok(id),
-        Err(error) => {
-            let _ = delete(api, id).await;
-            Err(error)
-        }
-    }
+    answers(api, &id).await?;
+    Ok(id)
 }
 
 /// Whether the sandbox's agent runs `echo` and returns its output.
