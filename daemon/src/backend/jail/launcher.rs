@@ -192,13 +192,8 @@ fn terminate_signals() -> SigSet {
 /// init and thaws the jail so that the kill lands. Returns the exit code
 /// (128 + signal when killed).
 fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, terminate: SignalFd, console: &mut CappedLog) -> Result<i32, LaunchError> {
-    // SAFETY: pidfd_open with a pid we forked and have not reaped.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as libc::c_int;
-    if pidfd < 0 {
-        return Err(sys("watch the jail's init")(nix::Error::last()));
-    }
-    // SAFETY: pidfd is a fresh fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // The child is ours and not reaped yet, so its pid cannot be reused.
+    let pidfd = super::pidfd_open(child.as_raw()).map_err(|e| sys("watch the jail's init")(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL))))?;
     let mut output = File::from(console_read);
     let mut watched = [
         libc::pollfd { fd: terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },

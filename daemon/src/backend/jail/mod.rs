@@ -201,7 +201,7 @@ fn pidfd_has_exited(pidfd: &OwnedFd) -> bool {
 }
 
 /// Opens a pidfd on `pid`.
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+pub(super) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open with plain integers.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
     if fd < 0 {
@@ -384,11 +384,6 @@ impl Jail {
 
     pub fn set_limits(&self, limits: &JailLimits) -> Result<(), JailError> {
         Ok(self.cgroup.set_limits(limits)?)
-    }
-
-    /// First host uid of the jail's range (root inside).
-    pub fn host_root_uid(&self) -> u32 {
-        self.ids.base()
     }
 
     /// Whether the jail's init is still running.
