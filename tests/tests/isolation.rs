@@ -48,12 +48,15 @@ async fn python(api: &mut Clients, id: &str, code: &str) -> String {
 
 /// The sandbox's cgroup directory in `controller` (v1 layout, or v2).
 fn cgroup_dir(controller: &str, id: &str) -> PathBuf {
+    find_cgroup_dir(controller, id).unwrap_or_else(|| panic!("no {controller} cgroup for {id}"))
+}
+
+fn find_cgroup_dir(controller: &str, id: &str) -> Option<PathBuf> {
     [format!("/sys/fs/cgroup/{controller}/sandboxd"), "/sys/fs/cgroup/sandboxd".to_string()]
         .iter()
         .flat_map(|root| std::fs::read_dir(root).into_iter().flatten().flatten())
         .map(|group| group.path().join(id))
         .find(|dir| dir.is_dir())
-        .unwrap_or_else(|| panic!("no {controller} cgroup for {id}"))
 }
 
 fn cgroup_file(controller: &str, id: &str, name: &str) -> String {
@@ -375,7 +378,9 @@ async fn sandbox_sees_only_loopback_and_its_own_processes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_daemon_leaves_nothing_unaccounted_for_after_restart() {
-    let mut daemon = Daemon::start(DaemonOptions { pool_size: 2, ..Default::default() }).await;
+    // A pool of exactly two: misses while it fills must not grow it.
+    let options = DaemonOptions { pool_size: 2, extra_args: vec!["--pool-max".into(), "2".into()], ..Default::default() };
+    let mut daemon = Daemon::start(options).await;
     let mut api = daemon.clients(None).await;
     let running = api.create(None).await;
     let paused = api.create(None).await;
@@ -386,7 +391,8 @@ async fn a_killed_daemon_leaves_nothing_unaccounted_for_after_restart() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let pooled = loop {
         let pooled: Vec<String> = dir_names(&jails_dir).into_iter().filter(|id| !sandboxes.contains(id)).collect();
-        if pooled.len() == 2 || std::time::Instant::now() > deadline {
+        let launched = pooled.iter().all(|id| find_cgroup_dir("pids", id).is_some_and(|dir| dir.join("cgroup.procs").exists()) && !host_pids(id).is_empty());
+        if (pooled.len() == 2 && launched) || std::time::Instant::now() > deadline {
             break pooled;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
