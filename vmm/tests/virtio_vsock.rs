@@ -263,3 +263,33 @@ fn a_paused_device_leaves_guest_memory_alone_until_resumed() {
     let op = request.op;
     assert_eq!(op, OP_REQUEST, "the connection goes ahead once the VM runs again");
 }
+
+#[test]
+fn a_host_that_stops_reading_never_stalls_the_guest() {
+    let mut guest = Guest::new("backlog");
+    let (mut stream, host_port) = host_connect(&mut guest, 3000);
+    // The device grants 256 KiB of credit, more than a unix stream buffers:
+    // with the host reading nothing, the rest must wait in the device, not
+    // block the vCPU that notified the queue.
+    let sent: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let data = sent.clone();
+    let (done, finished) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        let mut forwarded = 0;
+        for part in data.chunks(4096) {
+            guest.send(OP_RW, 3000, host_port, 65536, forwarded, part);
+            forwarded += part.len() as u32;
+        }
+        let _ = done.send(());
+        guest
+    });
+    finished.recv_timeout(Duration::from_secs(20)).expect("a guest send blocked while the host was not reading");
+    let mut guest = sender.join().unwrap();
+    let mut received = vec![0u8; sent.len()];
+    stream.read_exact(&mut received).unwrap();
+    assert!(received == sent, "the host reads every byte, in order, once it reads again");
+    let (packet, _) = guest.receive();
+    let (op, fwd_cnt) = (packet.op, packet.fwd_cnt);
+    assert_eq!(op, OP_CREDIT_UPDATE, "the guest hears that its bytes were forwarded");
+    assert!(fwd_cnt > 0);
+}

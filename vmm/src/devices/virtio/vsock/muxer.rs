@@ -64,8 +64,13 @@ struct Connection {
     fwd_cnt: u32,
     /// fwd_cnt when the guest last heard of it.
     last_reported_fwd_cnt: u32,
-    /// Whether the stream is watched for input (not while credit is zero).
+    /// Whether host input is wanted (not while the guest has no credit).
     reading: bool,
+    /// Guest bytes the host stream has not taken yet: host streams are
+    /// non-blocking, so a host that stops reading never stalls a vCPU.
+    backlog: Vec<u8>,
+    /// What epoll watches the stream for now (empty: not registered).
+    watched: EventSet,
 }
 
 impl Connection {
@@ -79,7 +84,22 @@ impl Connection {
             fwd_cnt: 0,
             last_reported_fwd_cnt: 0,
             reading: true,
+            backlog: Vec::new(),
+            watched: EventSet::empty(),
         }
+    }
+
+    /// What the stream needs watching for: input while the guest has
+    /// credit, room while guest bytes wait.
+    fn interest(&self) -> EventSet {
+        let mut interest = EventSet::empty();
+        if self.reading {
+            interest |= EventSet::IN;
+        }
+        if !self.backlog.is_empty() {
+            interest |= EventSet::OUT;
+        }
+        interest
     }
 
     /// Bytes the guest can take right now.
@@ -207,37 +227,45 @@ impl Muxer {
 
     fn close(&mut self, key: Key) {
         if let Some(connection) = self.connections.remove(&key) {
-            if connection.reading {
+            if !connection.watched.is_empty() {
                 let _ = self.epoll.ctl(ControlOperation::Delete, connection.stream.as_raw_fd(), EpollEvent::default());
             }
         }
     }
 
-    /// Watches the stream of `key` for input, or stops watching it. An
-    /// unwatched stream leaves epoll altogether: a hung-up peer would
-    /// otherwise keep reporting EPOLLHUP with nothing to read.
+    /// Watches the stream of `key` for input, or stops doing so.
     fn watch(&mut self, key: Key, reading: bool) {
-        let Some(connection) = self.connections.get_mut(&key) else { return };
-        if connection.reading != reading {
+        if let Some(connection) = self.connections.get_mut(&key) {
             connection.reading = reading;
-            let fd = connection.stream.as_raw_fd();
-            let result = if reading {
-                self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token(key)))
-            } else {
-                self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
-            };
-            if result.is_err() {
-                self.close(key);
-            }
+            self.rewatch(key);
+        }
+    }
+
+    /// Brings epoll in line with what the stream of `key` needs watching
+    /// for. A stream that needs nothing leaves epoll altogether: a hung-up
+    /// peer would otherwise keep reporting EPOLLHUP with nothing to read.
+    fn rewatch(&mut self, key: Key) {
+        let Some(connection) = self.connections.get_mut(&key) else { return };
+        let interest = connection.interest();
+        if interest == connection.watched {
+            return;
+        }
+        let operation = match (connection.watched.is_empty(), interest.is_empty()) {
+            (true, _) => ControlOperation::Add,
+            (false, true) => ControlOperation::Delete,
+            (false, false) => ControlOperation::Modify,
+        };
+        let fd = connection.stream.as_raw_fd();
+        if self.epoll.ctl(operation, fd, EpollEvent::new(interest, token(key))).is_ok() {
+            connection.watched = interest;
+        } else {
+            self.close(key);
         }
     }
 
     fn add_stream(&mut self, key: Key, connection: Connection) {
-        let fd = connection.stream.as_raw_fd();
         self.connections.insert(key, connection);
-        if self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token(key))).is_err() {
-            self.close(key);
-        }
+        self.rewatch(key);
     }
 
     /// Handles every packet the guest put on the tx queue.
@@ -277,10 +305,7 @@ impl Muxer {
             OP_RESPONSE => self.guest_accepted(key),
             OP_RW => self.guest_sent(key, &payload),
             OP_CREDIT_REQUEST => self.send(key, OP_CREDIT_UPDATE, Vec::new()),
-            OP_SHUTDOWN if header.flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH => {
-                self.send(key, OP_RST, Vec::new());
-                self.close(key);
-            }
+            OP_SHUTDOWN if header.flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH => self.reset(key),
             OP_RST => self.close(key),
             _ => {}
         }
@@ -313,8 +338,7 @@ impl Muxer {
         if !connection.established {
             connection.established = true;
             if writeln!(connection.stream, "OK {}", key.0).is_err() {
-                self.send(key, OP_RST, Vec::new());
-                self.close(key);
+                self.reset(key);
             }
         }
     }
@@ -324,15 +348,36 @@ impl Muxer {
             self.pending_rx.push_back((self.header(key, OP_RST, 0), Vec::new()));
             return;
         };
-        if connection.stream.write_all(payload).is_err() {
-            self.send(key, OP_RST, Vec::new());
-            self.close(key);
+        // The backlog is what the guest sent and the host has not taken:
+        // the credit we gave bounds it, and a guest that exceeds it is cut off.
+        if connection.backlog.len() + payload.len() > BUF_ALLOC as usize {
+            self.reset(key);
             return;
         }
-        connection.fwd_cnt = connection.fwd_cnt.wrapping_add(payload.len() as u32);
+        connection.backlog.extend_from_slice(payload);
+        self.flush(key);
+    }
+
+    /// Writes what the host stream takes of the backlog of `key` without
+    /// blocking, and counts it as forwarded (the guest's credit grows).
+    fn flush(&mut self, key: Key) {
+        let Some(connection) = self.connections.get_mut(&key) else { return };
+        let Ok(written) = write_available(&connection.stream, &connection.backlog) else {
+            self.reset(key);
+            return;
+        };
+        connection.backlog.drain(..written);
+        connection.fwd_cnt = connection.fwd_cnt.wrapping_add(written as u32);
         if connection.fwd_cnt.wrapping_sub(connection.last_reported_fwd_cnt) >= BUF_ALLOC / 2 {
             self.send(key, OP_CREDIT_UPDATE, Vec::new());
         }
+        self.rewatch(key);
+    }
+
+    /// Ends the connection of `key` on both sides.
+    fn reset(&mut self, key: Key) {
+        self.send(key, OP_RST, Vec::new());
+        self.close(key);
     }
 
     /// Copies pending packets into the guest's receive buffers.
@@ -436,7 +481,8 @@ impl Muxer {
     }
 }
 
-/// Reads `CONNECT <port>\n` from a new host stream (within one second).
+/// Reads `CONNECT <port>\n` from a new host stream (within one second),
+/// then leaves the stream non-blocking.
 fn read_connect_line(stream: &UnixStream) -> Option<u32> {
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
@@ -444,8 +490,23 @@ fn read_connect_line(stream: &UnixStream) -> Option<u32> {
     // One byte at a time, so nothing after the line is consumed.
     let mut reader = BufReader::with_capacity(1, stream);
     reader.read_line(&mut line).ok()?;
-    stream.set_read_timeout(None).ok()?;
+    stream.set_nonblocking(true).ok()?;
     line.trim().strip_prefix("CONNECT ")?.parse().ok()
+}
+
+/// Writes as much of `data` as `stream` takes now; the count written.
+fn write_available(mut stream: &UnixStream, data: &[u8]) -> std::io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match stream.write(&data[written..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(count) => written += count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(written)
 }
 
 /// Runs the muxer's event loop until `stop` is written.
@@ -470,7 +531,15 @@ pub fn spawn_event_loop(muxer: Arc<Mutex<Muxer>>, stop: EventFd) -> Result<JoinH
                 match event.data() {
                     STOP_TOKEN => return,
                     LISTENER_TOKEN => guard.accept_host(),
-                    other => guard.host_readable(key_of(other)),
+                    other => {
+                        let ready = event.event_set();
+                        if ready.contains(EventSet::OUT) {
+                            guard.flush(key_of(other));
+                        }
+                        if ready.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) {
+                            guard.host_readable(key_of(other));
+                        }
+                    }
                 }
             }
             guard.fill_rx();
