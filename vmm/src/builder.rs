@@ -276,24 +276,33 @@ impl MicroVmBuilder {
             handles.push(vcpu.start(paused)?);
         }
         Ok(MicroVm {
+            vcpus: handles,
+            virtio: self.virtio,
+            serial: self.serial,
+            exit: self.exit,
             vm: self.vm,
             restored: self.restored,
-            serial: self.serial,
-            virtio: self.virtio,
-            vcpus: handles,
-            exit: self.exit,
         })
     }
 }
 
-/// A running microVM.
+/// A running microVM. Its fields drop in this order, so that vCPUs and
+/// devices have stopped touching guest memory before the memory, and the
+/// userfaultfd handler that serves it, go away.
 pub struct MicroVm {
+    vcpus: Vec<VcpuHandle>,
+    virtio: Vec<SharedTransport>,
+    serial: Arc<Mutex<Console>>,
+    exit: Arc<ExitSignal>,
     vm: Vm,
     restored: Option<RestoredMemory>,
-    serial: Arc<Mutex<Console>>,
-    virtio: Vec<SharedTransport>,
-    vcpus: Vec<VcpuHandle>,
-    exit: Arc<ExitSignal>,
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+        self.set_devices_paused(true);
+    }
 }
 
 impl MicroVm {

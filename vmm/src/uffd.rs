@@ -4,9 +4,15 @@
 //! UFFDIO_COPY (or UFFDIO_ZEROPAGE for zero pages), and can record the
 //! order in which the guest touched pages. Replaying such a record copies
 //! the working set in bulk before the guest runs (prefetch).
+//!
+//! A fault that cannot be served is never answered with a page the guest
+//! never had: the handler records why ([`UffdMemory::failure`]) and the
+//! VMM stops the VM with that reason, leaving the faulting thread asleep
+//! until the process exits. No non-cooperative events are enabled (nothing
+//! drops or remaps guest pages), so a fill never meets `EAGAIN` from a
+//! layout change in flight.
 
 use std::{
-    collections::HashSet,
     fs::File,
     os::fd::AsRawFd,
     sync::{
@@ -16,7 +22,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
+use userfaultfd::{Event, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -45,7 +51,7 @@ pub struct UffdStats {
     pub faults: AtomicU64,
     /// Pages filled from the memory file.
     pub pages_copied: AtomicU64,
-    /// Pages filled with zeros (zero in the file, or dropped by the guest).
+    /// Pages filled with zeros (zero in the file).
     pub pages_zeroed: AtomicU64,
     /// Pages copied ahead of the guest by [`UffdMemory::prefetch`].
     pub pages_prefetched: AtomicU64,
@@ -131,7 +137,6 @@ impl UffdMemory {
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
-            .require_features(FeatureFlags::EVENT_REMOVE)
             .create()
             .map_err(UffdError::Create)?;
         for region in memory.iter() {
@@ -164,7 +169,8 @@ impl UffdMemory {
         &self.stats
     }
 
-    /// Why serving a fault failed, if it did (the guest got a zero page).
+    /// Why serving a fault failed, if it did (the VM must stop: the faulting
+    /// thread is left waiting).
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -222,7 +228,6 @@ impl UffdMemory {
             stats: Arc::clone(&self.stats),
             record: Arc::clone(&self.record),
             failure: Arc::clone(&self.failure),
-            removed: HashSet::new(),
             stop_fd: self.stop.as_raw_fd(),
         };
         std::thread::Builder::new().name("uffd".into()).spawn(move || handler.run()).map_err(UffdError::Thread)
@@ -258,8 +263,6 @@ struct Handler {
     stats: Arc<UffdStats>,
     record: Arc<Mutex<Option<Vec<u64>>>>,
     failure: Arc<Mutex<Option<String>>>,
-    /// Pages the guest dropped (MADV_DONTNEED): they come back as zeros.
-    removed: HashSet<u64>,
     stop_fd: i32,
 }
 
@@ -292,12 +295,7 @@ impl Handler {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Pagefault { addr, .. } => self.serve(addr as u64 & !(PAGE_SIZE - 1)),
-            Event::Remove { start, end } => {
-                for page in (start as u64..end as u64).step_by(PAGE_SIZE as usize) {
-                    self.removed.insert(page);
-                }
-            }
-            _ => {}
+            other => self.fail(format!("unexpected userfaultfd event {other:?}")),
         }
     }
 
@@ -310,12 +308,19 @@ impl Handler {
         if let Some(record) = self.record.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             record.push(offset);
         }
+        if let Err(error) = self.fill(page, offset) {
+            self.fail(format!("cannot fill the page at file offset {offset:#x}: {error}"));
+        }
+    }
+
+    /// Copies the page at file `offset` into guest memory at `page` (or
+    /// zeroes it when the file holds zeros) and wakes the faulting thread.
+    fn fill(&self, page: u64, offset: u64) -> Result<(), userfaultfd::Error> {
         let data = self.source.page(offset);
-        let zero = self.removed.remove(&page) || data.iter().all(|&b| b == 0);
         let dst = page as *mut libc::c_void;
         // SAFETY: dst is a page of a registered guest range (file_offset
         // found it), and data is a page of the source mapping.
-        let result = if zero {
+        let result = if data.iter().all(|&b| b == 0) {
             unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) }.map(|_| &self.stats.pages_zeroed)
         } else {
             unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE_SIZE as usize, true) }.map(|_| &self.stats.pages_copied)
@@ -323,20 +328,22 @@ impl Handler {
         match result {
             Ok(counter) => {
                 counter.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
             // Another fault or a prefetch filled it first: wake the waiter.
             Err(userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => {
-                let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
+                self.uffd.wake(dst, PAGE_SIZE as usize)
             }
-            Err(error) => {
-                self.fail(format!("cannot fill the page at file offset {offset:#x}: {error}"));
-                // SAFETY: as above; a zero page unblocks the faulting thread.
-                let _ = unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) };
-            }
+            Err(error) => Err(error),
         }
     }
 
+    /// Records the first failure; the VMM's control loop stops the VM on it.
     fn fail(&self, reason: String) {
-        self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if failure.is_none() {
+            eprintln!("sandbox-vmm: guest memory fault not served: {reason}");
+            *failure = Some(reason);
+        }
     }
 }

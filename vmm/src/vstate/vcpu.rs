@@ -130,6 +130,9 @@ pub enum VcpuError {
     Gone(u8),
 }
 
+/// How long a vCPU thread may take to leave KVM_RUN and exit when stopped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 1
@@ -352,13 +355,22 @@ impl VcpuHandle {
         self.control.changed.notify_all();
     }
 
-    /// Stops the vCPU thread and joins it.
+    /// Stops the vCPU thread and joins it. A thread that does not stop in
+    /// time (asleep on a guest page that will never be served) is left to
+    /// die with the process rather than joined forever.
     pub fn stop(&mut self) {
-        self.control.stop.store(true, Ordering::Release);
-        self.control.changed.notify_all();
-        let _ = self.wait_for(Duration::from_secs(10), |state| state == Some(RunState::Exited));
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        {
+            let _state = self.control.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.control.stop.store(true, Ordering::Release);
+            self.control.changed.notify_all();
+        }
+        let stopped = self.wait_for(STOP_TIMEOUT, |state| state == Some(RunState::Exited));
+        match (stopped, self.thread.take()) {
+            (Ok(()), Some(thread)) => {
+                let _ = thread.join();
+            }
+            (Err(()), Some(_detached)) => eprintln!("sandbox-vmm: vCPU {} did not stop within {STOP_TIMEOUT:?}", self.id),
+            (_, None) => {}
         }
     }
 

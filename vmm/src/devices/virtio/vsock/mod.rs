@@ -12,6 +12,7 @@ use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use virtio_queue::{Queue, QueueState};
@@ -120,11 +121,24 @@ impl VirtioDevice for Vsock {
     }
 }
 
+/// How long the event loop may take to see its stop signal.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Drop for Vsock {
+    /// Stops the event loop; one that does not stop in time (asleep on a
+    /// guest page that will never be served) is left to die with the
+    /// process rather than joined forever.
     fn drop(&mut self) {
         let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
+        let Some(thread) = self.thread.take() else { return };
+        let started = Instant::now();
+        while !thread.is_finished() && started.elapsed() < STOP_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if thread.is_finished() {
             let _ = thread.join();
+        } else {
+            eprintln!("sandbox-vmm: the vsock thread did not stop within {STOP_TIMEOUT:?}");
         }
     }
 }
