@@ -33,8 +33,13 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 const FIRST_USE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The guest counts as idle once its console has been quiet this long.
 const QUIET: Duration = Duration::from_secs(1);
-/// The guest kernel's command line.
-pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=/sbin/init quiet";
+/// The guest kernel's command line. `no-kvmapf` turns off KVM's
+/// asynchronous page faults in the guest: with them, a guest task whose page
+/// the host has not served yet (a userfaultfd restore) sleeps until KVM
+/// sends "page ready", and a snapshot taken meanwhile (Pause to disk) keeps
+/// the sleeping task but not KVM's pending notice, so after a restore it
+/// never wakes. Without them a vCPU simply waits for its page.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=/sbin/init quiet no-kvmapf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -63,6 +68,10 @@ pub struct TemplateManifest {
     pub rootfs: PathBuf,
     /// Size and modification time of the kernel and root image when built.
     pub images: String,
+    /// The guest kernel's command line the template booted with (empty in
+    /// manifests from before it was recorded, which then count as stale).
+    #[serde(default)]
+    pub cmdline: String,
     pub memory_mib: u32,
     pub vcpus: u32,
     pub working_set_pages: u64,
@@ -116,12 +125,13 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
-    /// Whether `template` was built from these options' images and shape
-    /// ([`Template::load`] already refused one whose images changed since).
+    /// Whether `template` was built from these options' images and shape,
+    /// with today's kernel command line ([`Template::load`] already refused
+    /// one whose images changed since).
     pub fn matches(&self, template: &Template) -> bool {
         let manifest = &template.manifest;
-        (&manifest.kernel, &manifest.rootfs, manifest.memory_mib, manifest.vcpus)
-            == (&self.kernel, &self.rootfs, self.memory_mib, self.vcpus)
+        (&manifest.kernel, &manifest.rootfs, manifest.memory_mib, manifest.vcpus, manifest.cmdline.as_str())
+            == (&self.kernel, &self.rootfs, self.memory_mib, self.vcpus, GUEST_CMDLINE)
     }
 }
 
@@ -161,6 +171,7 @@ async fn build_in(options: &BuildOptions, work: &Path, progress: &(dyn Fn(&str) 
         kernel: options.kernel.clone(),
         rootfs: options.rootfs.clone(),
         images: images_fingerprint(&options.kernel, &options.rootfs),
+        cmdline: GUEST_CMDLINE.to_string(),
         memory_mib: options.memory_mib,
         vcpus: options.vcpus,
         working_set_pages,

@@ -3,6 +3,16 @@
 //! xsave/FPU, XCRs, LAPIC, events, MP state). Restore applies vCPU state
 //! in the order KVM needs: CPUID first, then MP state, registers, sregs,
 //! FPU state, XCRs, LAPIC, MSRs, and pending events last.
+//!
+//! The LAPIC timer in TSC-deadline mode needs care on both sides: KVM drops
+//! a deadline written before the LAPIC is in that mode, and judges a
+//! restored deadline against the guest's TSC, so the deadline MSR is written
+//! after the LAPIC and after every other MSR (the TSC among them). A timer
+//! that expired while the vCPU was parked reads as deadline 0 with its
+//! interrupt still inside KVM, not in the saved LAPIC; such a snapshot would
+//! leave an idle guest waiting for a tick that never comes, so it is saved
+//! with the deadline at the current TSC instead (the tick fires at once
+//! after restore; a spare tick is harmless).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -82,14 +92,19 @@ impl VcpuState {
     /// Reads the state of a paused vCPU; `msr_indices` lists what to save.
     pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, StateError> {
         let cpuid = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm("read CPUID"))?;
+        let lapic = fd.get_lapic().map_err(kvm("read the LAPIC"))?;
+        let mut msrs = read_msrs(fd, msr_indices)?;
+        if tsc_deadline_timer_armed(&lapic) {
+            rearm_expired_deadline(&mut msrs);
+        }
         Ok(Self {
             cpuid: cpuid.as_slice().to_vec(),
-            msrs: read_msrs(fd, msr_indices)?,
+            msrs,
             regs: fd.get_regs().map_err(kvm("read the registers"))?,
             sregs: fd.get_sregs().map_err(kvm("read the segment registers"))?,
             xsave: Box::new(fd.get_xsave().map_err(kvm("read the xsave area"))?),
             xcrs: fd.get_xcrs().ok(),
-            lapic: fd.get_lapic().map_err(kvm("read the LAPIC"))?,
+            lapic,
             events: fd.get_vcpu_events().map_err(kvm("read the vCPU events"))?,
             mp_state: fd.get_mp_state().map_err(kvm("read the MP state"))?,
         })
@@ -112,8 +127,34 @@ impl VcpuState {
             fd.set_xcrs(xcrs).map_err(kvm("restore the XCRs"))?;
         }
         fd.set_lapic(&self.lapic).map_err(kvm("restore the LAPIC"))?;
-        write_msrs(fd, &self.msrs)?;
+        let (deadline, others): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) =
+            self.msrs.iter().cloned().partition(|msr| msr.index == MSR_IA32_TSC_DEADLINE);
+        write_msrs(fd, &others)?;
+        write_msrs(fd, &deadline)?;
         fd.set_vcpu_events(&self.events).map_err(kvm("restore the vCPU events"))
+    }
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The LAPIC's LVT timer register, as an offset into its register page.
+const APIC_LVT_TIMER: usize = 0x320;
+const APIC_LVT_MASKED: u32 = 1 << 16;
+const APIC_LVT_TIMER_MODE: u32 = 0b11 << 17;
+const APIC_LVT_TIMER_TSC_DEADLINE: u32 = 0b10 << 17;
+
+/// Whether the LAPIC timer runs in TSC-deadline mode and is not masked.
+fn tsc_deadline_timer_armed(lapic: &kvm_lapic_state) -> bool {
+    let lvt = u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[APIC_LVT_TIMER + i] as u8));
+    lvt & APIC_LVT_MASKED == 0 && lvt & APIC_LVT_TIMER_MODE == APIC_LVT_TIMER_TSC_DEADLINE
+}
+
+/// Sets a zero (expired) TSC deadline to the vCPU's current TSC, so the
+/// tick whose interrupt KVM still held fires right after restore.
+fn rearm_expired_deadline(msrs: &mut [kvm_msr_entry]) {
+    let Some(tsc) = msrs.iter().find(|msr| msr.index == MSR_IA32_TSC).map(|msr| msr.data) else { return };
+    if let Some(deadline) = msrs.iter_mut().find(|msr| msr.index == MSR_IA32_TSC_DEADLINE && msr.data == 0) {
+        deadline.data = tsc;
     }
 }
 
@@ -148,6 +189,9 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateEr
 }
 
 fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), StateError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     let msrs = msr_list(entries)?;
     let set = fd.set_msrs(&msrs).map_err(kvm("restore the MSRs"))?;
     if set != entries.len() {
