@@ -135,6 +135,43 @@ fn restore_continues_exactly_in_both_memory_modes() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Hundreds of uffd restores without prefetch: each runs the payload while
+/// another thread writes pages the guest never touched (as a device thread
+/// would), pauses, sometimes snapshots, resumes and stops. Every fault is
+/// served and every stop completes.
+#[test]
+fn hundreds_of_uffd_restores_run_pause_snapshot_and_stop() {
+    let dir = temp_dir("stress");
+    let (files, paused_at) = snapshot_running_payload(&dir);
+    let cycles: u64 = std::env::var("SANDBOXD_VMM_STRESS_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(200);
+    let started = std::time::Instant::now();
+    for cycle in 0..cycles {
+        let mut vm = restore(&files, RestoreMode::Uffd { prefetch: Vec::new(), record: false });
+        vm.resume();
+        let memory = vm.memory().clone();
+        let device = std::thread::spawn(move || {
+            for page in 0..64u64 {
+                let address = GuestAddress(PATTERN_START + PATTERN_LEN + (cycle % 16) * (1 << 20) + page * 4096);
+                memory.write_obj(cycle ^ page, address).unwrap();
+            }
+        });
+        wait_for_counter_above(&vm, paused_at);
+        device.join().unwrap();
+        vm.pause().unwrap();
+        if cycle % 20 == 0 {
+            let again = dir.join(format!("again-{cycle}"));
+            std::fs::create_dir_all(&again).unwrap();
+            snapshot::create(&vm, &SnapshotFiles::in_dir(&again)).expect("snapshot a restored VM");
+            std::fs::remove_dir_all(&again).unwrap();
+        }
+        vm.resume();
+        assert_eq!(vm.uffd().and_then(|uffd| uffd.failure()), None, "cycle {cycle}: every fault was served");
+        assert_eq!(vm.stop(), VmExit::Stopped, "cycle {cycle}");
+    }
+    eprintln!("{cycles} uffd restores of the running payload in {:.1?}", started.elapsed());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn clones_diverge_without_touching_each_other_or_the_file() {
     let dir = temp_dir("clones");
