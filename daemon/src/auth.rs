@@ -127,18 +127,38 @@ impl ApiKeys {
             let status = Status::unauthenticated("malformed authorization metadata: use `Bearer <api key>`");
             return Err((status, self.key_id(header)));
         };
-        let key = key.trim_ascii();
-        let presented = tag(&self.secret, key);
-        // Every known tag is compared in full, without an early exit.
-        let known = self.tags.iter().fold(false, |found, known| found | constant_time_eq(known, &presented));
-        if known {
-            Ok(key_id(&presented))
-        } else {
+        self.authenticate_key(key).map_err(|tried| {
             let status = Status::unauthenticated(
                 "unknown API key: use a key of the daemon's SANDBOXD_API_KEYS or, without it, the one in STATE_DIR/api-key",
             );
-            Err((status, key_id(&presented)))
-        }
+            (status, tried)
+        })
+    }
+
+    /// Checks a bare key (as the E2B front door's `X-API-KEY` carries it);
+    /// returns its key id, or on failure the id of the key tried.
+    pub fn authenticate_key(&self, key: &[u8]) -> Result<String, String> {
+        let presented = tag(&self.secret, key.trim_ascii());
+        // Every known tag is compared in full, without an early exit.
+        let known = self.tags.iter().fold(false, |found, known| found | constant_time_eq(known, &presented));
+        if known { Ok(key_id(&presented)) } else { Err(key_id(&presented)) }
+    }
+
+    /// A sandbox's access token for `purpose` (such as "envd"): an HMAC of
+    /// its owner's key id and the sandbox id under the daemon's secret, so
+    /// it needs no storage, survives restarts, and proves the bearer was
+    /// handed it by the owner.
+    pub fn sandbox_token(&self, purpose: &str, owner_key_id: &str, sandbox_id: &str) -> String {
+        let message = format!("sandbox-token\0{purpose}\0{owner_key_id}\0{sandbox_id}");
+        hex(&tag(&self.secret, message.as_bytes()))
+    }
+
+    /// Whether `presented` is the [`ApiKeys::sandbox_token`] for these
+    /// (compared in constant time).
+    pub fn check_sandbox_token(&self, presented: &[u8], purpose: &str, owner_key_id: &str, sandbox_id: &str) -> bool {
+        let expected = self.sandbox_token(purpose, owner_key_id, sandbox_id);
+        presented.len() == expected.len()
+            && presented.iter().zip(expected.as_bytes()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
     }
 
     /// The id of `key` (as the audit log shows it).
@@ -320,6 +340,18 @@ mod tests {
         assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
         assert_eq!(tried, keys.key_id(b"gamma"), "a refused key is named by its id");
         assert!(keys.authenticate(Some(b"alpha")).is_err());
+    }
+
+    #[test]
+    fn sandbox_tokens_are_bound_to_owner_sandbox_and_purpose() {
+        let keys = keys(&["alpha"]);
+        let token = keys.sandbox_token("envd", "key-1", "sb-1");
+        assert!(keys.check_sandbox_token(token.as_bytes(), "envd", "key-1", "sb-1"));
+        assert!(!keys.check_sandbox_token(token.as_bytes(), "traffic", "key-1", "sb-1"));
+        assert!(!keys.check_sandbox_token(token.as_bytes(), "envd", "key-2", "sb-1"));
+        assert!(!keys.check_sandbox_token(token.as_bytes(), "envd", "key-1", "sb-2"));
+        assert!(!keys.check_sandbox_token(b"", "envd", "key-1", "sb-1"));
+        assert_eq!(keys.authenticate_key(b"alpha"), keys.authenticate(Some(b"Bearer alpha")).map_err(|(_, tried)| tried));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{
     manager::{OnStop, Policy},
     pool::PoolConfig,
     connections::ConnectionLimits,
-    server::ServeConfig,
+    server::{E2bConfig, ServeConfig},
 };
 
 #[derive(Parser, Debug)]
@@ -75,6 +75,14 @@ pub struct ServeArgs {
     /// Unix socket of the gRPC API [default: STATE_DIR/sandboxd.sock].
     #[arg(long)]
     pub unix_socket: Option<PathBuf>,
+    /// Address of the E2B-compatible HTTP API (control plane and sandbox data plane on one
+    /// port, HTTP/1.1 and h2c): point E2B_API_URL and E2B_SANDBOX_URL at http://ADDR.
+    #[arg(long)]
+    pub e2b_listen: Option<SocketAddr>,
+    /// Domain sandboxes are addressed under on the E2B API, as `{port}-{id}.{domain}` (wildcard
+    /// DNS to this daemon) [default: localhost:PORT of --e2b-listen].
+    #[arg(long)]
+    pub e2b_domain: Option<String>,
     /// Address of the Prometheus /metrics endpoint; "off" disables it.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_listen: String,
@@ -192,6 +200,10 @@ impl ServeArgs {
         templates.extend(self.templates.into_iter().map(|(name, dir)| (name, Some(dir))));
         Ok(ServeConfig {
             listen: self.listen,
+            e2b: self.e2b_listen.map(|listen| E2bConfig {
+                listen,
+                domain: self.e2b_domain.clone().unwrap_or_else(|| format!("localhost:{}", listen.port())),
+            }),
             unix_socket: self.unix_socket.unwrap_or_else(|| self.state_dir.join("sandboxd.sock")),
             metrics_listen,
             backend: self.backend,

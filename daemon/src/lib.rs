@@ -9,6 +9,7 @@ pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod connections;
+pub mod e2b;
 pub mod ids;
 pub mod manager;
 pub mod metrics;

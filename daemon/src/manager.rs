@@ -102,7 +102,8 @@ struct Sandbox {
     owner: String,
     template: String,
     limits: ResourceLimits,
-    ttl: Duration,
+    /// Its lifetime from creation (SetTimeout moves it).
+    ttl: Mutex<Duration>,
     env: BTreeMap<String, String>,
     metadata: HashMap<String, String>,
     created_at: SystemTime,
@@ -126,8 +127,12 @@ impl Sandbox {
         drop(self.reservation.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
     }
 
+    fn ttl(&self) -> Duration {
+        *self.ttl.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn expires_at(&self) -> SystemTime {
-        self.created_at + self.ttl
+        self.created_at + self.ttl()
     }
 
     /// The sandbox's registry row; `adoption` is its backend's record.
@@ -142,7 +147,7 @@ impl Sandbox {
             owner: self.owner.clone(),
             template: self.template.clone(),
             limits: self.limits,
-            ttl_seconds: self.ttl.as_secs(),
+            ttl_seconds: self.ttl().as_secs(),
             created_at_unix_ms: unix_ms(self.created_at),
             expires_at_unix_ms: unix_ms(self.expires_at()),
             env: self.env.clone(),
@@ -161,7 +166,7 @@ impl Sandbox {
             owner: record.owner,
             template: record.template,
             limits: record.limits,
-            ttl: Duration::from_secs(record.ttl_seconds),
+            ttl: Mutex::new(Duration::from_secs(record.ttl_seconds)),
             env: record.env,
             metadata: record.metadata,
             created_at: UNIX_EPOCH + Duration::from_millis(record.created_at_unix_ms.max(0) as u64),
@@ -184,7 +189,7 @@ impl Sandbox {
             limits: Some(api::Limits {
                 memory_mib: self.limits.memory_mib,
                 vcpus: self.limits.vcpus,
-                timeout_seconds: self.ttl.as_secs() as u32,
+                timeout_seconds: self.ttl().as_secs() as u32,
                 max_processes: self.limits.max_processes,
                 disk_mib: self.limits.disk_mib,
             }),
@@ -279,7 +284,7 @@ impl SandboxManager {
             owner: caller.key_id.clone(),
             template,
             limits,
-            ttl,
+            ttl: Mutex::new(ttl),
             env: request.env.into_iter().collect(),
             metadata: request.metadata,
             created_at: SystemTime::now(),
@@ -415,6 +420,36 @@ impl SandboxManager {
         sandbox.set_run_state(RunState::Running);
         self.persist_state(&sandbox.id, StoredState::Running, "").await?;
         Ok(sandbox.to_proto(self.backend_name()))
+    }
+
+    /// Makes the sandbox expire `timeout` from now (at most the policy's
+    /// longest lifetime), whatever its state.
+    pub async fn set_timeout(&self, caller: &Caller, id: &str, timeout: Duration) -> Result<api::Sandbox, SandboxError> {
+        if timeout > self.policy.max_ttl {
+            return Err(SandboxError::InvalidLimits(format!(
+                "timeout {} s is too long: use at most {} (--max-ttl-seconds)",
+                timeout.as_secs(),
+                self.policy.max_ttl.as_secs()
+            )));
+        }
+        let sandbox = self.find(caller, id)?;
+        let lived = SystemTime::now().duration_since(sandbox.created_at).unwrap_or_default();
+        let ttl = Duration::from_secs((lived + timeout).as_secs_f64().ceil() as u64);
+        *sandbox.ttl.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = ttl;
+        let (id, expires) = (sandbox.id.clone(), unix_ms(sandbox.expires_at()));
+        self.persist(move |registry| registry.set_lifetime(&id, ttl.as_secs(), expires)).await?;
+        Ok(sandbox.to_proto(self.backend_name()))
+    }
+
+    /// The owner's key id of a sandbox, for front doors whose callers
+    /// prove themselves with a per-sandbox token derived from it.
+    pub fn owner_of(&self, id: &str) -> Option<String> {
+        self.lock().get(id).map(|sandbox| sandbox.owner.clone())
+    }
+
+    /// Whether `name` is a template of this daemon.
+    pub fn has_template(&self, name: &str) -> bool {
+        self.templates.contains_key(name)
     }
 
     /// The agent of a running sandbox that `caller` owns.

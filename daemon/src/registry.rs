@@ -158,6 +158,17 @@ impl Registry {
             .map_err(sql("record a sandbox's state"))
     }
 
+    /// Changes a sandbox's lifetime (SetTimeout).
+    pub fn set_lifetime(&self, id: &str, ttl_seconds: u64, expires_at_unix_ms: i64) -> Result<(), RegistryError> {
+        self.lock()
+            .execute(
+                "UPDATE sandboxes SET ttl_seconds = ?2, expires_at_unix_ms = ?3 WHERE id = ?1",
+                params![id, ttl_seconds as i64, expires_at_unix_ms],
+            )
+            .map(drop)
+            .map_err(sql("record a sandbox's lifetime"))
+    }
+
     /// Forgets a deleted sandbox.
     pub fn remove(&self, id: &str) -> Result<(), RegistryError> {
         self.lock().execute("DELETE FROM sandboxes WHERE id = ?1", params![id]).map(drop).map_err(sql("forget a sandbox"))

@@ -61,10 +61,19 @@ const FD_RESERVE: u64 = 512;
 /// The package of the internal host-guest API, which reflection hides.
 const AGENT_PACKAGE: &str = "sandbox.agent.v1";
 
+/// Where the E2B front door listens, and the domain it names sandboxes under.
+#[derive(Clone, Debug)]
+pub struct E2bConfig {
+    pub listen: SocketAddr,
+    pub domain: String,
+}
+
 /// Everything `sandboxd serve` needs.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// The E2B-compatible HTTP front door, when asked for.
+    pub e2b: Option<E2bConfig>,
     pub unix_socket: PathBuf,
     pub metrics_listen: Option<SocketAddr>,
     pub backend: BackendChoice,
@@ -150,6 +159,12 @@ pub async fn serve(mut config: ServeConfig) -> Result<(), ServeError> {
         async move { Ok(unix.accept().await?.0) }
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(e2b) = &config.e2b {
+        let listener = listen_tcp(e2b.listen).map_err(|source| ServeError::Listen { what: e2b.listen.to_string(), source })?;
+        let front = crate::e2b::Front::new(Arc::clone(&manager), context.audit.clone(), keys.clone(), e2b.domain.clone());
+        tracing::info!(listen = %listener.local_addr().unwrap_or(e2b.listen), domain = %e2b.domain, "serving the E2B API");
+        tokio::spawn(crate::e2b::serve(listener, front, stop_rx.clone()));
+    }
     let auth = keys.layer(context.audit.clone());
     let on_tcp = router(&context, &auth).serve_with_incoming_shutdown(tcp_connections, stopped(stop_rx.clone()));
     let on_unix = router(&context, &auth).serve_with_incoming_shutdown(unix_connections, stopped(stop_rx));

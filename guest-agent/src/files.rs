@@ -23,6 +23,51 @@ use tokio::{
 };
 use tonic::{Status, Streaming};
 
+mod names {
+    //! User and group names from the sandbox's own /etc/passwd and
+    //! /etc/group (bounded reads), remembered per id.
+
+    use std::{
+        collections::HashMap,
+        sync::{Mutex, OnceLock},
+    };
+
+    /// Most bytes read of either file.
+    const MAX_FILE: u64 = 1 << 20;
+
+    pub fn user(uid: u32) -> String {
+        lookup("/etc/passwd", uid)
+    }
+
+    pub fn group(gid: u32) -> String {
+        lookup("/etc/group", gid)
+    }
+
+    /// The name of `id` in a `name:x:id:...` file, or the number.
+    fn lookup(file: &'static str, id: u32) -> String {
+        static CACHE: OnceLock<Mutex<HashMap<(&'static str, u32), String>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(name) = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&(file, id)) {
+            return name.clone();
+        }
+        let name = read_name(file, id).unwrap_or_else(|| id.to_string());
+        cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert((file, id), name.clone());
+        name
+    }
+
+    fn read_name(file: &str, id: u32) -> Option<String> {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(file).ok()?.take(MAX_FILE).read_to_string(&mut text).ok()?;
+        text.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let number = fields.nth(1)?;
+            (number.parse() == Ok(id)).then(|| name.to_string())
+        })
+    }
+}
+
 /// Size of a download chunk.
 const DOWNLOAD_CHUNK: usize = 512 * 1024;
 
@@ -88,7 +133,21 @@ pub async fn info(path: &Path) -> Result<FileInfo, Status> {
         mode: metadata.mode() & 0o7777,
         modified_unix_ms: modified.map_or(0, |d| d.as_millis() as i64),
         symlink_target,
+        owner: names::user(metadata.uid()),
+        group: names::group(metadata.gid()),
     })
+}
+
+/// Renames `source` to `destination`, creating the destination's missing
+/// parents (owned by the sandbox user); an existing destination file is
+/// replaced, as rename(2) does.
+pub async fn rename(source: &Path, destination: &Path) -> Result<FileInfo, Status> {
+    fs::symlink_metadata(source).await.map_err(|e| io_status(source, "move", e))?;
+    if let Some(parent) = destination.parent() {
+        create_missing_dirs(parent, 0o755).await?;
+    }
+    fs::rename(source, destination).await.map_err(|e| io_status(destination, "move to", e))?;
+    info(destination).await
 }
 
 /// Lists `dir` down to `depth` levels (0 and 1: its own entries), sorted by path.

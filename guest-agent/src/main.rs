@@ -11,6 +11,7 @@
 
 mod files;
 mod init;
+mod ports;
 mod process;
 mod processes;
 mod pty;
@@ -18,6 +19,7 @@ mod reaper;
 mod refresh;
 mod runcode;
 mod service;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
 

@@ -106,7 +106,7 @@ impl ProcessSpec {
             RunAs::User => ("user", HOME),
             RunAs::Root => ("root", "/root"),
         };
-        command.env("PATH", DEFAULT_PATH).env("HOME", home).env("LANG", "C.UTF-8").env("USER", user);
+        command.env("PATH", DEFAULT_PATH).env("HOME", home).env("LANG", "C.UTF-8").env("USER", user).env("LOGNAME", user);
         if let Some(id) = self.run_as.ids() {
             command.uid(id).gid(id);
         }

@@ -55,6 +55,8 @@ const MAX_KEY_BYTES: usize = 256;
 const READER_STALL: Duration = Duration::from_secs(30);
 /// Events queued per stream towards its client.
 const STREAM_QUEUE: usize = 16;
+/// Writes queued towards one process's stdin; more wait for room.
+const STDIN_QUEUE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -81,6 +83,17 @@ pub enum TableError {
          (Processes.List shows output_bytes)"
     )]
     OffsetPastEnd { handle: String, from: u64, end: u64 },
+    #[error("tag is {0} bytes, over the limit of {MAX_KEY_BYTES}: use a shorter tag")]
+    TagTooLong(usize),
+    #[error(
+        "the stdin of process '{0}' is closed: start it with open_stdin (or a terminal) to send input later, and \
+         send none after `close`"
+    )]
+    StdinClosed(String),
+    #[error("process '{0}' has exited: signals and resizes reach running processes only")]
+    Exited(String),
+    #[error("process '{0}' does not run on a terminal: only processes started with a `pty` can be resized")]
+    NoTerminal(String),
 }
 
 impl From<TableError> for Status {
@@ -89,7 +102,10 @@ impl From<TableError> for Status {
         match error {
             TableError::UnknownHandle(_) => Status::not_found(message),
             TableError::Full => Status::resource_exhausted(message),
-            TableError::KeyTooLong(_) => Status::invalid_argument(message),
+            TableError::KeyTooLong(_) | TableError::TagTooLong(_) => Status::invalid_argument(message),
+            TableError::StdinClosed(_) | TableError::Exited(_) | TableError::NoTerminal(_) => {
+                Status::failed_precondition(message)
+            }
             TableError::KeyReused { .. } => Status::failed_precondition(message),
             TableError::OffsetPastEnd { .. } => Status::out_of_range(message),
         }
@@ -191,7 +207,10 @@ pub struct Process {
     argv_truncated: bool,
     argv_fingerprint: u64,
     key: String,
+    labels: Labels,
     started_at_unix_ms: i64,
+    /// The queue towards its stdin, while that is open.
+    stdin: Mutex<Option<mpsc::Sender<StdinOp>>>,
     /// Set when the agent sent SIGKILL (timeout, disconnect, a Connect signal).
     killed_by_agent: AtomicBool,
     state: Mutex<State>,
@@ -204,10 +223,10 @@ pub struct Process {
 impl Process {
     /// A process that is in no table (RunCode's): no handle, no key.
     pub fn untracked(running: &Running) -> Arc<Self> {
-        Arc::new(Self::new(String::new(), running, &[], String::new()))
+        Arc::new(Self::new(String::new(), running, &[], String::new(), Labels::default()))
     }
 
-    fn new(handle: String, running: &Running, argv: &[String], key: String) -> Self {
+    fn new(handle: String, running: &Running, argv: &[String], key: String, labels: Labels) -> Self {
         let (argv_shown, argv_truncated) = clipped(argv);
         Self {
             handle,
@@ -217,7 +236,9 @@ impl Process {
             argv_truncated,
             argv_fingerprint: fingerprint(argv),
             key,
+            labels,
             started_at_unix_ms: unix_ms(),
+            stdin: Mutex::new(None),
             killed_by_agent: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             output_changed: watch::Sender::new(()),
@@ -277,8 +298,57 @@ impl Process {
         }
     }
 
+    /// Keeps `input` open for [`Process::write_input`]: a task writes what
+    /// is queued, in order, so a process that does not read its input
+    /// never holds up the caller for longer than the queue takes.
+    pub fn open_input(&self, input: Input) {
+        let (queue, pending) = mpsc::channel(STDIN_QUEUE);
+        tokio::spawn(write_stdin(input, pending));
+        *self.stdin.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(queue);
+    }
+
+    /// Queues `data` for the process's stdin; with `close`, then ends it
+    /// (end-of-file; ^D on a terminal).
+    pub async fn write_input(&self, data: Bytes, close: bool) -> Result<(), TableError> {
+        let queue = {
+            let mut slot = self.stdin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if close { slot.take() } else { slot.clone() }
+        };
+        let queue = queue.ok_or_else(|| TableError::StdinClosed(self.handle.clone()))?;
+        let closed = || TableError::StdinClosed(self.handle.clone());
+        if !data.is_empty() {
+            queue.send(StdinOp::Data(data)).await.map_err(|_| closed())?;
+        }
+        if close {
+            queue.send(StdinOp::Close).await.map_err(|_| closed())?;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the process group of a process still running.
+    pub fn signal_running(&self, signal: i32) -> Result<(), TableError> {
+        if !self.is_running() {
+            return Err(TableError::Exited(self.handle.clone()));
+        }
+        self.signal(signal);
+        Ok(())
+    }
+
+    /// Resizes the terminal the process runs on.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), TableError> {
+        let master = self.pty.as_ref().ok_or_else(|| TableError::NoTerminal(self.handle.clone()))?;
+        if !self.is_running() {
+            return Err(TableError::Exited(self.handle.clone()));
+        }
+        // A terminal whose process just exited cannot be resized; nothing is lost.
+        let _ = master.resize(rows, cols);
+        Ok(())
+    }
+
     /// Records the exit; readers deliver it after the output.
     pub fn finish(&self, exit: ExitStatus) {
+        // Its stdin goes with it (no ^D to a terminal no one reads).
+        drop(self.stdin.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
         let mut state = self.lock();
         state.exit = Some(exit);
         state.exited_at = Some((Instant::now(), unix_ms()));
@@ -323,6 +393,9 @@ impl Process {
             output_oldest_offset: state.oldest(),
             idempotency_key: self.key.clone(),
             pty: self.pty.is_some(),
+            tag: self.labels.tag.clone(),
+            env: self.labels.env.clone(),
+            cwd: self.labels.cwd.clone(),
         }
     }
 }
@@ -434,6 +507,38 @@ async fn deliver(mut reader: Reader, events: &EventSender) -> bool {
     }
 }
 
+/// What Processes.List shows of a process besides its argv.
+#[derive(Clone, Default)]
+pub struct Labels {
+    pub tag: String,
+    pub env: HashMap<String, String>,
+    pub cwd: String,
+}
+
+pub enum StdinOp {
+    Data(Bytes),
+    Close,
+}
+
+/// Writes queued stdin in order; on close, ends the input (^D on a
+/// terminal). When the queue goes away unclosed (the process exited),
+/// just stops.
+async fn write_stdin(mut input: Input, mut pending: mpsc::Receiver<StdinOp>) {
+    while let Some(op) = pending.recv().await {
+        match op {
+            StdinOp::Data(data) => {
+                let _ = input.write(&data).await;
+            }
+            StdinOp::Close => {
+                if matches!(input, Input::Pty(_)) {
+                    let _ = input.write(b"\x04").await;
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// What [`ProcessTable::start`] found or made.
 pub enum Started {
     /// A new process: its stdin and the parts its supervisor takes.
@@ -459,10 +564,14 @@ impl ProcessTable {
         &self,
         key: &str,
         argv: &[String],
+        labels: Labels,
         spawn: impl FnOnce() -> Result<(Input, Running), Status>,
     ) -> Result<Started, Status> {
         if key.len() > MAX_KEY_BYTES {
             return Err(TableError::KeyTooLong(key.len()).into());
+        }
+        if labels.tag.len() > MAX_KEY_BYTES {
+            return Err(TableError::TagTooLong(labels.tag.len()).into());
         }
         // Held across the spawn, so two requests with one key start one process.
         let mut entries = self.lock();
@@ -478,7 +587,7 @@ impl ProcessTable {
         }
         let (input, running) = spawn()?;
         let handle = format!("p{}", self.started.fetch_add(1, Ordering::Relaxed) + 1);
-        let process = Arc::new(Process::new(handle, &running, argv, key.to_string()));
+        let process = Arc::new(Process::new(handle, &running, argv, key.to_string(), labels));
         entries.push(Arc::clone(&process));
         Ok(Started::New(process, input, running))
     }

@@ -1,27 +1,31 @@
 //! The `sandbox.agent.v1.Agent` gRPC service. Exec and Connect processes
 //! live in the [`ProcessTable`], so they outlive the stream that started
-//! them unless it asked otherwise; ListProcesses and Attach reach them.
+//! them unless it asked otherwise; ListProcesses, Attach, SendInput,
+//! Signal and Resize reach them by handle.
 
 use std::{pin::Pin, sync::Arc};
 
 use sandbox_proto::{
     agent::{agent_server::Agent, HelloRequest, HelloResponse, RefreshRequest, RefreshResponse},
+    agent::PortData,
     api::{
         connect_request::Input as ConnectInput, AttachRequest, ConnectRequest, DownloadRequest, ExecEvent,
         ExecRequest, FileChunk, FileInfo, ListProcessesRequest, ListProcessesResponse, ListRequest, ListResponse,
-        MakeDirRequest, RemoveRequest, RemoveResponse, RunCodeRequest, RunCodeResponse, StatRequest, UploadRequest,
+        MakeDirRequest, MoveRequest, PtySize, RemoveRequest, RemoveResponse, ResizeRequest, ResizeResponse,
+        RunCodeRequest, RunCodeResponse, SendInputRequest, SendInputResponse, SignalRequest, SignalResponse,
+        StatRequest, UploadRequest, WatchEvent, WatchRequest,
     },
 };
-use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     files::{self, checked_path},
-    process::{self, Input, ProcessSpec, SpawnOptions},
-    processes::{self, Process, ProcessTable, Started},
+    ports,
+    process::{self, ProcessSpec, SpawnOptions},
+    processes::{self, Labels, Process, ProcessTable, Started},
     reaper::Reaper,
-    refresh, runcode,
+    refresh, runcode, watch,
 };
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>;
@@ -43,6 +47,8 @@ impl Agent for AgentService {
     type ConnectStream = EventStream;
     type AttachStream = EventStream;
     type DownloadStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+    type ForwardPortStream = Pin<Box<dyn Stream<Item = Result<PortData, Status>> + Send>>;
 
     async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         Ok(Response::new(HelloResponse { agent_version: env!("CARGO_PKG_VERSION").into(), pid: std::process::id() }))
@@ -57,13 +63,22 @@ impl Agent for AgentService {
         let mut request = request.into_inner();
         let stdin = std::mem::take(&mut request.stdin);
         let key = std::mem::take(&mut request.idempotency_key);
+        let pty = request.pty.take().map(terminal_size);
+        let open_stdin = request.open_stdin || pty.is_some();
         let kill_on_disconnect = request.kill_on_disconnect;
+        let labels = labels_of(&mut request);
         let spec = ProcessSpec::from_request(request)?;
-        let started = self.table.start(&key, &spec.argv, || process::spawn(&self.reaper, &spec, SpawnOptions::default()))?;
+        let options = SpawnOptions { pty, fd3: None };
+        let started = self.table.start(&key, &spec.argv, labels, || process::spawn(&self.reaper, &spec, options))?;
         let events = match started {
             Started::New(process, input, running) => {
-                tracing::info!(program = %spec.argv[0], handle = %process.handle, "exec");
-                process::feed_stdin(input, stdin);
+                tracing::info!(program = %spec.argv[0], handle = %process.handle, pty = pty.is_some(), "exec");
+                if open_stdin {
+                    process.open_input(input);
+                    process.write_input(stdin, false).await?;
+                } else {
+                    process::feed_stdin(input, stdin);
+                }
                 let reader = process.reader_from_start();
                 tokio::spawn(process::supervise_into(running, spec.timeout, process));
                 processes::stream(reader, kill_on_disconnect)
@@ -85,23 +100,25 @@ impl Agent for AgentService {
         let mut request = start.process.ok_or_else(|| Status::invalid_argument("start.process is missing: set argv"))?;
         let key = std::mem::take(&mut request.idempotency_key);
         let kill_on_disconnect = request.kill_on_disconnect;
+        let labels = labels_of(&mut request);
         let spec = ProcessSpec::from_request(request)?;
-        let pty = start.pty.map(|size| (clamp(size.rows, 24), clamp(size.cols, 80)));
+        let pty = start.pty.map(terminal_size);
         let options = SpawnOptions { pty, fd3: None };
-        let events = match self.table.start(&key, &spec.argv, || process::spawn(&self.reaper, &spec, options))? {
+        let events = match self.table.start(&key, &spec.argv, labels, || process::spawn(&self.reaper, &spec, options))? {
             Started::New(process, input, running) => {
                 tracing::info!(program = %spec.argv[0], handle = %process.handle, pty = pty.is_some(), "connect");
+                process.open_input(input);
                 let reader = process.reader_from_start();
-                tokio::spawn(forward_input(inbound, Some(input), Arc::clone(&process)));
+                // A pipe's stdin ends with the stream that started it; a terminal stays open.
+                let close_at_end = pty.is_none();
+                tokio::spawn(forward_input(inbound, Arc::clone(&process), close_at_end));
                 tokio::spawn(process::supervise_into(running, spec.timeout, process));
                 processes::stream(reader, kill_on_disconnect)
             }
             Started::Existing(process) => {
                 tracing::info!(handle = %process.handle, "connect retried under its idempotency key: attaching");
-                // A pipe's stdin ended with the first stream; a terminal stays open.
-                let input = process.pty.clone().map(Input::Pty);
                 let reader = process.reader_from_start();
-                tokio::spawn(forward_input(inbound, input, process));
+                tokio::spawn(forward_input(inbound, process, false));
                 processes::stream(reader, false)
             }
         };
@@ -121,6 +138,32 @@ impl Agent for AgentService {
         let reader = process.reader(request.from_offset)?;
         tracing::info!(handle = %process.handle, from = request.from_offset, "attach");
         Ok(Response::new(Box::pin(ReceiverStream::new(processes::stream(reader, false)))))
+    }
+
+    async fn send_input(&self, request: Request<SendInputRequest>) -> Result<Response<SendInputResponse>, Status> {
+        let request = request.into_inner();
+        let process = self.table.find(&request.handle)?;
+        process.write_input(request.data, request.close).await?;
+        Ok(Response::new(SendInputResponse {}))
+    }
+
+    async fn signal(&self, request: Request<SignalRequest>) -> Result<Response<SignalResponse>, Status> {
+        let request = request.into_inner();
+        if !(1..=64).contains(&request.signal) {
+            return Err(Status::invalid_argument(format!(
+                "signal {} is not a signal number: use one such as 15 (SIGTERM) or 9 (SIGKILL)",
+                request.signal
+            )));
+        }
+        self.table.find(&request.handle)?.signal_running(request.signal)?;
+        Ok(Response::new(SignalResponse {}))
+    }
+
+    async fn resize(&self, request: Request<ResizeRequest>) -> Result<Response<ResizeResponse>, Status> {
+        let request = request.into_inner();
+        let (rows, cols) = terminal_size(request.size.unwrap_or_default());
+        self.table.find(&request.handle)?.resize(rows, cols)?;
+        Ok(Response::new(ResizeResponse {}))
     }
 
     async fn run_code(&self, request: Request<RunCodeRequest>) -> Result<Response<RunCodeResponse>, Status> {
@@ -154,6 +197,23 @@ impl Agent for AgentService {
         Ok(Response::new(RemoveResponse {}))
     }
 
+    async fn r#move(&self, request: Request<MoveRequest>) -> Result<Response<FileInfo>, Status> {
+        let request = request.into_inner();
+        let (source, destination) = (checked_path(&request.source)?, checked_path(&request.destination)?);
+        Ok(Response::new(files::rename(&source, &destination).await?))
+    }
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let events = watch::start(checked_path(&request.path)?, request.recursive).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn forward_port(&self, request: Request<Streaming<PortData>>) -> Result<Response<Self::ForwardPortStream>, Status> {
+        let chunks = ports::forward(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
+    }
+
     async fn make_dir(&self, request: Request<MakeDirRequest>) -> Result<Response<FileInfo>, Status> {
         let request = request.into_inner();
         Ok(Response::new(files::make_dir(&checked_path(&request.path)?, request.parents, request.mode).await?))
@@ -164,52 +224,38 @@ fn clamp(value: u32, default: u16) -> u16 {
     if value == 0 { default } else { value.min(u32::from(u16::MAX)) as u16 }
 }
 
+/// Rows and columns of a terminal, with 24x80 for what is left at 0.
+fn terminal_size(size: PtySize) -> (u16, u16) {
+    (clamp(size.rows, 24), clamp(size.cols, 80))
+}
+
+/// What Processes.List shows of a request besides its argv.
+fn labels_of(request: &mut ExecRequest) -> Labels {
+    Labels { tag: std::mem::take(&mut request.tag), env: request.env.clone(), cwd: request.cwd.clone() }
+}
+
 /// Applies a Connect stream's stdin, resizes and signals to the process.
-/// Stdin is written by a task of its own, so a process that does not read
-/// its input never holds up a signal, a resize or close_stdin. Without an
-/// `input` (its stdin is closed), stdin messages are dropped.
-async fn forward_input(mut inbound: Streaming<ConnectRequest>, input: Option<Input>, process: Arc<Process>) {
-    let (stdin, pending) = mpsc::unbounded_channel();
-    if let Some(input) = input {
-        tokio::spawn(write_stdin(input, pending));
-    }
+/// Stdin goes through the process's input queue, so a process that does
+/// not read its input never holds up a signal or a resize for long. With
+/// `close_at_end`, the end of the stream closes stdin.
+async fn forward_input(mut inbound: Streaming<ConnectRequest>, process: Arc<Process>, close_at_end: bool) {
     while let Ok(Some(message)) = inbound.message().await {
         match message.input {
             Some(ConnectInput::Stdin(data)) => {
-                let _ = stdin.send(StdinOp::Data(data));
+                let _ = process.write_input(data, false).await;
             }
             Some(ConnectInput::Resize(size)) => {
-                if let Some(master) = &process.pty {
-                    let _ = master.resize(clamp(size.rows, 24), clamp(size.cols, 80));
-                }
+                let (rows, cols) = terminal_size(size);
+                let _ = process.resize(rows, cols);
             }
             Some(ConnectInput::Signal(signal)) => process.signal(signal),
             Some(ConnectInput::CloseStdin(true)) => {
-                let _ = stdin.send(StdinOp::Close);
+                let _ = process.write_input(bytes::Bytes::new(), true).await;
             }
             Some(ConnectInput::CloseStdin(false) | ConnectInput::Start(_)) | None => {}
         }
     }
-}
-
-enum StdinOp {
-    Data(bytes::Bytes),
-    Close,
-}
-
-/// Writes queued stdin in order; on close, ends the input (^D on a terminal).
-async fn write_stdin(mut input: Input, mut pending: mpsc::UnboundedReceiver<StdinOp>) {
-    while let Some(op) = pending.recv().await {
-        match op {
-            StdinOp::Data(data) => {
-                let _ = input.write(&data).await;
-            }
-            StdinOp::Close => {
-                if matches!(input, Input::Pty(_)) {
-                    let _ = input.write(b"\x04").await;
-                }
-                return;
-            }
-        }
+    if close_at_end {
+        let _ = process.write_input(bytes::Bytes::new(), true).await;
     }
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use sandbox_proto::api::{
     files_server::Files, upload_request::Part, DownloadRequest, FileChunk, FileInfo, ListRequest,
-    ListResponse, MakeDirRequest, RemoveRequest, RemoveResponse, StatRequest, UploadRequest,
+    ListResponse, MakeDirRequest, MoveRequest, RemoveRequest, RemoveResponse, StatRequest, UploadRequest,
+    WatchEvent, WatchRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +25,7 @@ fn no_change<T>(_: &crate::manager::AgentHandle, _: &mut T) -> Result<(), Status
 #[tonic::async_trait]
 impl Files for FilesService {
     type DownloadStream = ReplyStream<FileChunk>;
+    type WatchStream = ReplyStream<WatchEvent>;
 
     async fn upload(&self, request: Request<Streaming<UploadRequest>>) -> Result<Response<FileInfo>, Status> {
         let started = Instant::now();
@@ -75,6 +77,19 @@ impl Files for FilesService {
 
     async fn make_dir(&self, request: Request<MakeDirRequest>) -> Result<Response<FileInfo>, Status> {
         self.0.forward(request, "Files.MakeDir", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.make_dir(r).await }).await
+    }
+
+    async fn r#move(&self, request: Request<MoveRequest>) -> Result<Response<FileInfo>, Status> {
+        self.0.forward(request, "Files.Move", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.r#move(r).await }).await
+    }
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.get_ref().sandbox_id.clone();
+        let reply = self
+            .0
+            .forward(request, "Files.Watch", |r| &r.sandbox_id, no_change, |mut agent, r| async move { agent.watch(r).await })
+            .await?;
+        Ok(Response::new(forwarded_stream(id, reply.into_inner())))
     }
 }
 

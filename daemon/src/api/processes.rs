@@ -4,8 +4,9 @@
 use std::time::Instant;
 
 use sandbox_proto::api::{
-    connect_request::Input, processes_server::Processes, ConnectRequest, ExecEvent, ExecRequest,
-    RunCodeRequest, RunCodeResponse,
+    connect_request::Input, processes_server::Processes, ConnectRequest, ExecEvent, ExecRequest, ResizeRequest,
+    ResizeResponse, RunCodeRequest, RunCodeResponse, SendInputRequest, SendInputResponse, SignalRequest,
+    SignalResponse,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -118,5 +119,33 @@ impl Processes for ProcessesService {
             })
             .await?;
         Ok(Response::new(forwarded_stream(id, reply.into_inner())))
+    }
+
+    async fn send_input(&self, request: Request<SendInputRequest>) -> Result<Response<SendInputResponse>, Status> {
+        self.0
+            .forward(
+                request,
+                "Processes.SendInput",
+                |r| &r.sandbox_id,
+                |_, r| require_size("data", r.data.len(), MAX_CHUNK_BYTES, "send large input in several calls"),
+                |mut agent, r| async move { agent.send_input(r).await },
+            )
+            .await
+    }
+
+    async fn signal(&self, request: Request<SignalRequest>) -> Result<Response<SignalResponse>, Status> {
+        self.0
+            .forward(request, "Processes.Signal", |r| &r.sandbox_id, |_, _| Ok(()), |mut agent, r| async move {
+                agent.signal(r).await
+            })
+            .await
+    }
+
+    async fn resize(&self, request: Request<ResizeRequest>) -> Result<Response<ResizeResponse>, Status> {
+        self.0
+            .forward(request, "Processes.Resize", |r| &r.sandbox_id, |_, _| Ok(()), |mut agent, r| async move {
+                agent.resize(r).await
+            })
+            .await
     }
 }

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Instant};
 use sandbox_proto::api::{
     sandboxes_server::Sandboxes, CreateSandboxRequest, DeleteSandboxRequest, DeleteSandboxResponse,
     GetSandboxRequest, ListSandboxesRequest, ListSandboxesResponse, PauseSandboxRequest,
-    ResumeSandboxRequest, Sandbox,
+    ResumeSandboxRequest, Sandbox, SetTimeoutRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -68,6 +68,16 @@ impl Sandboxes for SandboxesService {
         let caller = auth::caller(&request)?;
         let id = request.into_inner().id;
         self.on_sandbox(caller, id, "Sandboxes.Resume", |manager, caller, id| async move { manager.resume(&caller, &id).await }).await
+    }
+
+    async fn set_timeout(&self, request: Request<SetTimeoutRequest>) -> Result<Response<Sandbox>, Status> {
+        let caller = auth::caller(&request)?;
+        let SetTimeoutRequest { id, timeout_seconds } = request.into_inner();
+        let timeout = std::time::Duration::from_secs(timeout_seconds.into());
+        self.on_sandbox(caller, id, "Sandboxes.SetTimeout", move |manager, caller, id| async move {
+            manager.set_timeout(&caller, &id, timeout).await
+        })
+        .await
     }
 }
 
