@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs dependencies, builds every binary, then runs
 # the Rust test suites (unit, ring-3 KVM payloads, snapshots, the guest
-# kernel's boot on our VMM, jail end-to-end) and the Python client suite
-# against the real daemon, then the Linux-guest suite on a nested host. Needs root (jails
+# kernel's boot on our VMM, jail end-to-end), the Python client suite and
+# the official E2B SDKs against the real daemon, then the Linux-guest suite on a nested host. Needs root (jails
 # use namespaces and cgroups; the VMM needs /dev/kvm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,11 @@ export SANDBOXD_GUEST_IMAGE_DIR
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
 SANDBOXD_BIN="$PWD/target/debug/sandboxd" target/pyenv/bin/python -m pytest -q tests/python
+# The official E2B SDKs, unmodified and pinned (scripts/install-deps.sh), against the daemon's
+# E2B front door: Python e2b at the newest and an older 2.x, and npm e2b (run with the first).
+E2B_JS_SDK="$PWD/target/e2b-js/node_modules" SANDBOXD_BIN="$PWD/target/debug/sandboxd" \
+  timeout 900 target/e2b-py-2.63.0/bin/python -m pytest -q tests/e2b
+SANDBOXD_BIN="$PWD/target/debug/sandboxd" timeout 900 target/e2b-py-2.30.0/bin/python -m pytest -q tests/e2b
 
 # The Linux-guest suite (SANDBOXD_E2E_KVM=1) on a nested host with emulated
 # AMD-V, since this machine's own /dev/kvm cannot boot Linux guests.
