@@ -19,6 +19,7 @@ mod reaper;
 mod refresh;
 mod runcode;
 mod service;
+mod slots;
 mod watch;
 
 use std::{path::PathBuf, process::ExitCode};

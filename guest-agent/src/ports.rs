@@ -4,10 +4,7 @@
 //! the sandbox runs is reached from outside (the daemon's E2B data
 //! plane); the sandbox network itself stays closed.
 
-use std::{
-    net::Ipv4Addr,
-    sync::atomic::{AtomicUsize, Ordering},
-};
+use std::net::Ipv4Addr;
 
 use bytes::Bytes;
 use sandbox_proto::agent::PortData;
@@ -18,37 +15,18 @@ use tokio::{
 };
 use tonic::{Status, Streaming};
 
+use crate::slots::Slots;
+
 /// Largest piece of data sent back in one message.
 const CHUNK: usize = 64 * 1024;
 /// Forwarded connections open at once.
 const MAX_OPEN: usize = 256;
 
-static OPEN: AtomicUsize = AtomicUsize::new(0);
-
-/// One slot of [`MAX_OPEN`], given back on drop.
-struct Slot;
-
-impl Slot {
-    fn take() -> Result<Self, Status> {
-        if OPEN.fetch_add(1, Ordering::AcqRel) >= MAX_OPEN {
-            OPEN.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::resource_exhausted(format!(
-                "{MAX_OPEN} forwarded connections are open in this sandbox: close some first"
-            )));
-        }
-        Ok(Slot)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+static OPEN: Slots = Slots::new(MAX_OPEN, "forwarded connections");
 
 /// Connects to the port the first message names and relays the rest.
 pub async fn forward(mut inbound: Streaming<PortData>) -> Result<mpsc::Receiver<Result<PortData, Status>>, Status> {
-    let slot = Slot::take()?;
+    let slot = OPEN.take()?;
     let first = inbound
         .message()
         .await?

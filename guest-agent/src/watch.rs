@@ -10,7 +10,6 @@ use std::{
     ffi::OsStr,
     os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use nix::{
@@ -21,7 +20,7 @@ use sandbox_proto::api::{watch_event::Event, FileChange, WatchEvent, WatchEventT
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tonic::Status;
 
-use crate::files::io_status;
+use crate::{files::io_status, slots::Slots};
 
 /// Directories one recursive watch may cover.
 const MAX_DIRS: usize = 4096;
@@ -30,30 +29,9 @@ const MAX_WATCHES: usize = 64;
 /// Events queued towards one client.
 const QUEUE: usize = 1024;
 
-static OPEN: AtomicUsize = AtomicUsize::new(0);
+static OPEN: Slots = Slots::new(MAX_WATCHES, "watches");
 
 pub type WatchStream = mpsc::Receiver<Result<WatchEvent, Status>>;
-
-/// One slot of [`MAX_WATCHES`], given back on drop.
-struct Slot;
-
-impl Slot {
-    fn take() -> Result<Self, Status> {
-        if OPEN.fetch_add(1, Ordering::AcqRel) >= MAX_WATCHES {
-            OPEN.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::resource_exhausted(format!(
-                "{MAX_WATCHES} watches are open in this sandbox: close some first"
-            )));
-        }
-        Ok(Slot)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// The inotify instance, for tokio's readiness.
 struct Fd(Inotify);
@@ -88,7 +66,7 @@ fn mask() -> AddWatchFlags {
 
 /// Starts watching `root`; the stream's first event says it is in place.
 pub async fn start(root: PathBuf, recursive: bool) -> Result<WatchStream, Status> {
-    let slot = Slot::take()?;
+    let slot = OPEN.take()?;
     let metadata = tokio::fs::symlink_metadata(&root).await.map_err(|e| io_status(&root, "watch", e))?;
     if !metadata.is_dir() {
         return Err(Status::failed_precondition(format!("cannot watch {}: not a directory", root.display())));

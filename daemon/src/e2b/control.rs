@@ -246,12 +246,24 @@ async fn connect(
             sandbox = shared_ref.manager.resume(&caller, &id).await?;
             status = StatusCode::CREATED;
         }
-        if let Some(timeout) = body.timeout {
-            sandbox = shared_ref.manager.set_timeout(&caller, &id, Duration::from_secs(timeout.into())).await?;
-        }
-        Ok((status, Json(sandbox_json(shared_ref, &caller, &sandbox, ""))).into_response())
+        answer_sandbox(shared_ref, &caller, sandbox, body.timeout, status).await
     })
     .await
+}
+
+/// Moves the sandbox's end when a timeout was given, then answers with
+/// E2B's `Sandbox` under `status`.
+async fn answer_sandbox(
+    shared: &Shared,
+    caller: &Caller,
+    mut sandbox: api::Sandbox,
+    timeout: Option<u32>,
+    status: StatusCode,
+) -> Result<Response, E2bError> {
+    if let Some(timeout) = timeout {
+        sandbox = shared.manager.set_timeout(caller, &sandbox.id, Duration::from_secs(timeout.into())).await?;
+    }
+    Ok((status, Json(sandbox_json(shared, caller, &sandbox, ""))).into_response())
 }
 
 async fn pause(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -276,14 +288,11 @@ async fn resume(
     let shared_ref = &shared;
     call(&shared, &headers, peer, &id.clone(), "E2B.Resume", |caller| async move {
         let body: TimeoutBody = json_body(&body)?;
-        let mut sandbox = shared_ref.manager.resume(&caller, &id).await.map_err(|error| match error {
+        let sandbox = shared_ref.manager.resume(&caller, &id).await.map_err(|error| match error {
             SandboxError::NotPaused(_) => E2bError::Conflict(format!("sandbox '{id}' is already running")),
             other => other.into(),
         })?;
-        if let Some(timeout) = body.timeout {
-            sandbox = shared_ref.manager.set_timeout(&caller, &id, Duration::from_secs(timeout.into())).await?;
-        }
-        Ok((StatusCode::CREATED, Json(sandbox_json(shared_ref, &caller, &sandbox, ""))).into_response())
+        answer_sandbox(shared_ref, &caller, sandbox, body.timeout, StatusCode::CREATED).await
     })
     .await
 }

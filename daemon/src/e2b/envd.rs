@@ -39,8 +39,7 @@ type Agent = AgentClient<Channel>;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/process.Process/{method}", post(process_rpc))
-        .route("/filesystem.Filesystem/{method}", post(filesystem_rpc))
+        .route("/{service}/{method}", post(connect_rpc))
         .route("/files", get(files::download).post(files::upload))
         .route("/health", get(health))
         .route("/envs", get(envs))
@@ -172,43 +171,70 @@ where
     result.unwrap_or_else(fail)
 }
 
-async fn process_rpc(
+/// `POST /{package}.{Service}/{Method}`: one Connect call of envd's
+/// process or filesystem service.
+async fn connect_rpc(
     State(shared): State<Arc<Shared>>,
     Extension(target): Extension<Target>,
     Extension(peer): Extension<Peer>,
-    Path(method): Path<String>,
+    Path((service, method)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let operation = operation_of("process", &method);
+    let package = match service.as_str() {
+        "process.Process" => "process",
+        "filesystem.Filesystem" => "filesystem",
+        other => {
+            let error = RpcError::new(Code::Unimplemented, format!("{other} is not an envd service: use process.Process or filesystem.Filesystem"));
+            return connect::unary_error(&error);
+        }
+    };
+    let operation = operation_of(package, &method);
     let headers_for_call = headers.clone();
     rpc(shared, target, peer, headers, operation, |call| async move {
         let headers = headers_for_call;
-        match method.as_str() {
-            "Start" => start(call, &headers, connect::stream_request(body).await?).await,
-            "Connect" => attach(call, &headers, connect::stream_request::<wire::ProcessRequest>(body).await?.process).await,
-            "StreamInput" => stream_input(call, body).await,
-            "List" => Ok(connect::unary(list(&call).await)),
-            "SendInput" => {
-                let request: wire::SendInputRequest = connect::unary_request(&connect::read_body(body).await?)?;
-                Ok(connect::unary(send_input(&call, &request.process, request.input.into_bytes(), false).await))
-            }
-            "CloseStdin" => {
-                let request: wire::ProcessRequest = connect::unary_request(&connect::read_body(body).await?)?;
-                Ok(connect::unary(send_input(&call, &request.process, Vec::new(), true).await))
-            }
-            "SendSignal" => {
-                let request: wire::SendSignalRequest = connect::unary_request(&connect::read_body(body).await?)?;
-                Ok(connect::unary(signal(&call, &request).await))
-            }
-            "Update" => {
-                let request: wire::UpdateRequest = connect::unary_request(&connect::read_body(body).await?)?;
-                Ok(connect::unary(update(&call, &request).await))
-            }
-            other => Err(RpcError::new(Code::Unimplemented, format!("process.Process/{other} is not a method of envd's process service"))),
+        if package == "process" {
+            process_method(call, &headers, &method, body).await
+        } else {
+            filesystem_method(call, &headers, &method, body).await
         }
     })
     .await
+}
+
+async fn process_method(call: Call, headers: &HeaderMap, method: &str, body: Body) -> Result<Response, RpcError> {
+    match method {
+        "Start" => start(call, headers, connect::stream_request(body).await?).await,
+        "Connect" => attach(call, headers, connect::stream_request::<wire::ProcessRequest>(body).await?.process).await,
+        "StreamInput" => stream_input(call, body).await,
+        "List" => Ok(connect::unary(list(&call).await)),
+        "SendInput" => {
+            let request: wire::SendInputRequest = connect::unary_request(&connect::read_body(body).await?)?;
+            Ok(connect::unary(send_input(&call, &request.process, request.input.into_bytes(), false).await))
+        }
+        "CloseStdin" => {
+            let request: wire::ProcessRequest = connect::unary_request(&connect::read_body(body).await?)?;
+            Ok(connect::unary(send_input(&call, &request.process, Vec::new(), true).await))
+        }
+        "SendSignal" => {
+            let request: wire::SendSignalRequest = connect::unary_request(&connect::read_body(body).await?)?;
+            Ok(connect::unary(signal(&call, &request).await))
+        }
+        "Update" => {
+            let request: wire::UpdateRequest = connect::unary_request(&connect::read_body(body).await?)?;
+            Ok(connect::unary(update(&call, &request).await))
+        }
+        other => Err(RpcError::new(Code::Unimplemented, format!("process.Process/{other} is not a method of envd's process service"))),
+    }
+}
+
+async fn filesystem_method(call: Call, headers: &HeaderMap, method: &str, body: Body) -> Result<Response, RpcError> {
+    if method == "WatchDir" {
+        let request: wire::FsRequest = connect::stream_request(body).await?;
+        return watch_dir(call, headers, request).await;
+    }
+    let request: wire::FsRequest = connect::unary_request(&connect::read_body(body).await?)?;
+    Ok(connect::unary(filesystem(&call, method, request).await))
 }
 
 /// Start: runs the process in the agent's table and streams its events.
@@ -247,44 +273,73 @@ async fn attach(call: Call, headers: &HeaderMap, selector: wire::Selector) -> Re
     Ok(response)
 }
 
-/// Turns the agent's events into envd's: `start`, `data`, then `end`
-/// (or a deadline_exceeded error when the timeout killed it), with a
-/// `keepalive` after every `keepalive` of silence.
-async fn relay_process(mut events: tonic::Streaming<ExecEvent>, writer: StreamWriter, pty: bool, keepalive: std::time::Duration) {
+/// What one agent message becomes on an envd stream.
+enum Relayed {
+    Send(Value),
+    Skip,
+    /// The last message, then the stream ends cleanly.
+    Last(Value),
+    /// The stream ends with this error.
+    Fail(RpcError),
+}
+
+/// Relays an agent stream to an envd stream: each message as `translate`
+/// says, `idle` after every `keepalive` of silence, and `at_end` (None: a
+/// clean end) when the agent's stream ends by itself.
+async fn relay<T>(
+    mut events: tonic::Streaming<T>,
+    writer: StreamWriter,
+    keepalive: std::time::Duration,
+    idle: Value,
+    at_end: Option<RpcError>,
+    mut translate: impl FnMut(T) -> Relayed,
+) {
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout(keepalive, events.message()) => next,
             () = writer.closed() => return,
         };
         let message = match next {
-            Err(_) => json!({ "event": { "keepalive": {} } }),
+            Err(_) => idle.clone(),
             Ok(Err(status)) => return writer.finish(Some(status.into())).await,
-            Ok(Ok(None)) => {
-                let error = RpcError::new(Code::Unavailable, "the process's stream ended before its exit: reconnect by pid");
-                return writer.finish(Some(error)).await;
-            }
-            Ok(Ok(Some(event))) => match event.event {
-                Some(Event::Started(started)) => json!({ "event": { "start": { "pid": started.pid } } }),
-                Some(Event::Stdout(data)) => {
-                    let kind = if pty { "pty" } else { "stdout" };
-                    json!({ "event": { "data": { kind: wire::encode_bytes(&data) } } })
-                }
-                Some(Event::Stderr(data)) => json!({ "event": { "data": { "stderr": wire::encode_bytes(&data) } } }),
-                Some(Event::Exit(exit)) if exit.reason == ExitReason::TimedOut as i32 || exit.timed_out => {
-                    let error = RpcError::new(Code::DeadlineExceeded, "the command's timeout passed and it was killed: pass a longer timeout (0 for none)");
-                    return writer.finish(Some(error)).await;
-                }
-                Some(Event::Exit(exit)) => {
-                    writer.send(&json!({ "event": { "end": end_event(&exit) } })).await;
+            Ok(Ok(None)) => return writer.finish(at_end).await,
+            Ok(Ok(Some(message))) => match translate(message) {
+                Relayed::Send(message) => message,
+                Relayed::Skip => continue,
+                Relayed::Last(message) => {
+                    writer.send(&message).await;
                     return writer.finish(None).await;
                 }
-                None => continue,
+                Relayed::Fail(error) => return writer.finish(Some(error)).await,
             },
         };
         if !writer.send(&message).await {
             return;
         }
     }
+}
+
+/// Turns the agent's events into envd's: `start`, `data`, then `end`
+/// (or a deadline_exceeded error when the timeout killed it), with a
+/// `keepalive` after every `keepalive` of silence.
+async fn relay_process(events: tonic::Streaming<ExecEvent>, writer: StreamWriter, pty: bool, keepalive: std::time::Duration) {
+    let idle = json!({ "event": { "keepalive": {} } });
+    let cut = RpcError::new(Code::Unavailable, "the process's stream ended before its exit: reconnect by pid");
+    relay(events, writer, keepalive, idle, Some(cut), |event| match event.event {
+        Some(Event::Started(started)) => Relayed::Send(json!({ "event": { "start": { "pid": started.pid } } })),
+        Some(Event::Stdout(data)) => {
+            let kind = if pty { "pty" } else { "stdout" };
+            Relayed::Send(json!({ "event": { "data": { kind: wire::encode_bytes(&data) } } }))
+        }
+        Some(Event::Stderr(data)) => Relayed::Send(json!({ "event": { "data": { "stderr": wire::encode_bytes(&data) } } })),
+        Some(Event::Exit(exit)) if exit.reason == ExitReason::TimedOut as i32 || exit.timed_out => Relayed::Fail(RpcError::new(
+            Code::DeadlineExceeded,
+            "the command's timeout passed and it was killed: pass a longer timeout (0 for none)",
+        )),
+        Some(Event::Exit(exit)) => Relayed::Last(json!({ "event": { "end": end_event(&exit) } })),
+        None => Relayed::Skip,
+    })
+    .await
 }
 
 /// envd's `EndEvent`: exit_code = 1, exited = 2, status = 3, error = 4.
@@ -423,28 +478,6 @@ async fn stream_input(call: Call, body: Body) -> Result<Response, RpcError> {
     Ok(response)
 }
 
-async fn filesystem_rpc(
-    State(shared): State<Arc<Shared>>,
-    Extension(target): Extension<Target>,
-    Extension(peer): Extension<Peer>,
-    Path(method): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let operation = operation_of("filesystem", &method);
-    let headers_for_call = headers.clone();
-    rpc(shared, target, peer, headers, operation, |call| async move {
-        let headers = headers_for_call;
-        if method == "WatchDir" {
-            let request: wire::FsRequest = connect::stream_request(body).await?;
-            return watch_dir(call, &headers, request).await;
-        }
-        let request: wire::FsRequest = connect::unary_request(&connect::read_body(body).await?)?;
-        Ok(connect::unary(filesystem(&call, &method, request).await))
-    })
-    .await
-}
-
 /// The unary filesystem methods.
 async fn filesystem(call: &Call, method: &str, request: wire::FsRequest) -> Result<Value, RpcError> {
     let sandbox_id = call.sandbox.clone();
@@ -511,30 +544,14 @@ pub fn filesystem_event(change: &sandbox_proto::api::FileChange) -> Value {
 /// WatchDir: `start`, then one `filesystem` event per change.
 async fn watch_dir(call: Call, headers: &HeaderMap, request: wire::FsRequest) -> Result<Response, RpcError> {
     let path = call.resolve(&request.path);
-    let mut events = call.agent().watch(WatchRequest { sandbox_id: call.sandbox.clone(), path, recursive: request.recursive }).await?.into_inner();
-    let keepalive = connect::keepalive_interval(headers);
+    let events = call.agent().watch(WatchRequest { sandbox_id: call.sandbox.clone(), path, recursive: request.recursive }).await?.into_inner();
     let (writer, response) = connect::stream_response();
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout(keepalive, events.message()) => next,
-                () = writer.closed() => return,
-            };
-            let message = match next {
-                Err(_) => json!({ "keepalive": {} }),
-                Ok(Err(status)) => return writer.finish(Some(status.into())).await,
-                Ok(Ok(None)) => return writer.finish(None).await,
-                Ok(Ok(Some(event))) => match event.event {
-                    Some(watch_event::Event::Started(_)) => json!({ "start": {} }),
-                    Some(watch_event::Event::Change(change)) => json!({ "filesystem": filesystem_event(&change) }),
-                    None => continue,
-                },
-            };
-            if !writer.send(&message).await {
-                return;
-            }
-        }
-    });
+    let keepalive = connect::keepalive_interval(headers);
+    tokio::spawn(relay(events, writer, keepalive, json!({ "keepalive": {} }), None, |event| match event.event {
+        Some(watch_event::Event::Started(_)) => Relayed::Send(json!({ "start": {} })),
+        Some(watch_event::Event::Change(change)) => Relayed::Send(json!({ "filesystem": filesystem_event(&change) })),
+        None => Relayed::Skip,
+    }));
     Ok(response)
 }
 
