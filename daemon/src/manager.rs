@@ -202,6 +202,18 @@ impl Sandbox {
     }
 }
 
+/// What a sandbox's guest uses (see [`SandboxManager::usage`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    /// CPU time so far, where the backend can tell.
+    pub cpu_nanos: Option<u64>,
+    /// Host disk its writable disk takes, where the backend can tell.
+    pub disk_bytes: Option<u64>,
+    /// How long it has existed.
+    pub lived: Duration,
+}
+
 /// A running sandbox's agent, and the environment its processes start with.
 pub struct AgentHandle {
     pub agent: AgentClient<Channel>,
@@ -445,6 +457,19 @@ impl SandboxManager {
     /// prove themselves with a per-sandbox token derived from it.
     pub fn owner_of(&self, id: &str) -> Option<String> {
         self.lock().get(id).map(|sandbox| sandbox.owner.clone())
+    }
+
+    /// What the sandbox's guest uses now.
+    pub async fn usage(&self, caller: &Caller, id: &str) -> Result<Usage, SandboxError> {
+        let sandbox = self.find(caller, id)?;
+        let instance = sandbox.instance.lock().await;
+        let instance = instance.as_ref().ok_or_else(|| stopped_or_gone(&sandbox))?;
+        Ok(Usage {
+            memory_bytes: instance.memory_bytes(),
+            cpu_nanos: instance.cpu_nanos(),
+            disk_bytes: instance.disk_bytes(),
+            lived: SystemTime::now().duration_since(sandbox.created_at).unwrap_or_default(),
+        })
     }
 
     /// Whether `name` is a template of this daemon.

@@ -180,3 +180,9 @@ def test_kill_ends_the_sandbox(daemon):
     with pytest.raises(Exception):
         sandbox.commands.run("true")
     assert Sandbox.kill(sandbox.sandbox_id) is False
+
+
+def test_metrics_report_the_sandboxs_memory(sbx):
+    sample = sbx.get_metrics()[-1]
+    assert sample.cpu_count >= 1 and sample.mem_total >= sample.mem_used > 0
+    assert sample.disk_total > 0

@@ -219,6 +219,21 @@ impl Cgroup {
         fs::read_to_string(self.controller("memory").join(file)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
+    /// CPU time used by everything in the group so far, in nanoseconds
+    /// (v1 `cpuacct.usage`, which sits in the cpu controller's directory
+    /// where the two are mounted together; v2 `cpu.stat`'s `usage_usec`).
+    pub fn cpu_nanos(&self) -> Option<u64> {
+        let dir = self.controller("cpu");
+        match self.flavor {
+            CgroupFlavor::V1 => fs::read_to_string(dir.join("cpuacct.usage")).ok()?.trim().parse().ok(),
+            CgroupFlavor::V2 => {
+                let stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+                let micros: u64 = stat.lines().find_map(|line| line.strip_prefix("usage_usec "))?.trim().parse().ok()?;
+                Some(micros * 1000)
+            }
+        }
+    }
+
     /// Removes the directories if nothing lives in them any more (a group
     /// whose sandboxes are all gone); leaves them otherwise.
     pub fn remove_if_empty(&self) {

@@ -140,6 +140,18 @@ pub trait Instance: Send + Sync {
     /// Host memory the guest uses now, in bytes (its cgroup's count).
     fn memory_bytes(&self) -> u64;
 
+    /// CPU time the guest has used so far, in nanoseconds, where the
+    /// backend can tell.
+    fn cpu_nanos(&self) -> Option<u64> {
+        None
+    }
+
+    /// Host disk the guest's writable disk takes now, in bytes, where the
+    /// backend can tell.
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Changes the limits of a running guest.
     async fn set_limits(&self, limits: ResourceLimits) -> Result<(), BackendError>;
 

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     sync::Arc,
-    time::{Duration, Instant, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -44,6 +44,7 @@ pub fn router(shared: Shared_) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/health", get(|| async { StatusCode::OK }))
         .fallback(|| async { E2bError::BadRequest("no such route: sandboxd serves E2B's sandbox API (see the README)".into()) })
         .with_state(shared)
@@ -349,4 +350,34 @@ async fn list(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Q
 async fn list_v1(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Query(query): Query<ListQuery>, headers: HeaderMap) -> Response {
     let query = ListQuery { state: Some(query.state.unwrap_or_else(|| "running".into())), ..query };
     list(State(shared), Extension(peer), Query(query), headers).await
+}
+
+/// `GET /sandboxes/{id}/metrics`: one sample, now. CPU is the average use
+/// since the sandbox was made (its cgroup's CPU time over its lifetime and
+/// CPUs); disk used is what its writable disk takes on the host.
+async fn metrics(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let shared_ref = &shared;
+    call(&shared, &headers, peer, &id.clone(), "E2B.Metrics", |caller| async move {
+        let sandbox = visible(shared_ref, &caller, &id).await?;
+        let usage = shared_ref.manager.usage(&caller, &id).await?;
+        let limits = sandbox.limits.unwrap_or_default();
+        let cpus = f64::from(limits.vcpus.max(1));
+        let cpu_used_pct = usage.cpu_nanos.map_or(0.0, |nanos| {
+            (nanos as f64 / 1e9 / usage.lived.as_secs_f64().max(1e-3) / cpus * 100.0).min(100.0)
+        });
+        let now = SystemTime::now();
+        Ok(Json(json!([{
+            "timestamp": humantime::format_rfc3339_seconds(now).to_string(),
+            "timestampUnix": now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+            "cpuCount": limits.vcpus,
+            "cpuUsedPct": (cpu_used_pct * 100.0).round() / 100.0,
+            "memUsed": usage.memory_bytes,
+            "memTotal": u64::from(limits.memory_mib) << 20,
+            "memCache": 0,
+            "diskUsed": usage.disk_bytes.unwrap_or(0),
+            "diskTotal": u64::from(limits.disk_mib) << 20,
+        }]))
+        .into_response())
+    })
+    .await
 }

@@ -223,6 +223,14 @@ impl Instance for JailInstance {
         self.jail.memory_bytes()
     }
 
+    fn cpu_nanos(&self) -> Option<u64> {
+        self.jail.cpu_nanos()
+    }
+
+    fn disk_bytes(&self) -> Option<u64> {
+        self.jail.disk_bytes()
+    }
+
     fn is_alive(&self) -> bool {
         self.jail.is_alive()
     }

@@ -221,6 +221,9 @@ fn process_start_time(pid: i32) -> Option<u64> {
 
 /// A running jail. Dropping it destroys it, unless it was released to
 /// outlive the daemon.
+/// The jail's writable disk, in its state directory.
+const DISK_FILE: &str = "disk.ext4";
+
 pub struct Jail {
     state_dir: PathBuf,
     cgroup: Cgroup,
@@ -269,7 +272,7 @@ impl Jail {
         for dir in [&spec.state_dir, &root, &disk_mount] {
             private_dir(dir)?;
         }
-        let disk = spec.state_dir.join("disk.ext4");
+        let disk = spec.state_dir.join(DISK_FILE);
         disk::create(&disk, spec.disk_mib)?;
         let socket = spec.state_dir.join("agent.sock");
         let listener = UnixListener::bind(&socket).map_err(state_dir_error(&socket))?;
@@ -380,6 +383,18 @@ impl Jail {
     /// Memory the jail uses now, in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.cgroup.memory_bytes()
+    }
+
+    /// CPU time the jail has used, in nanoseconds, when its cgroup says.
+    pub fn cpu_nanos(&self) -> Option<u64> {
+        self.cgroup.cpu_nanos()
+    }
+
+    /// Host disk the jail's writable disk takes now (its sparse file's
+    /// allocated blocks), in bytes.
+    pub fn disk_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.state_dir.join(DISK_FILE)).ok().map(|metadata| metadata.blocks() * 512)
     }
 
     pub fn set_limits(&self, limits: &JailLimits) -> Result<(), JailError> {
