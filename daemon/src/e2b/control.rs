@@ -305,11 +305,14 @@ struct ListQuery {
     state: Option<String>,
     limit: Option<usize>,
     next_token: Option<String>,
+    /// "asc" (the default, oldest first) or "desc".
+    order: Option<String>,
+    template: Option<String>,
 }
 
-/// `GET /v2/sandboxes`: the caller's sandboxes, oldest first, filtered by
-/// metadata (`k=v&...`, URL-encoded) and state, a page at a time; the
-/// `X-Next-Token` header names the next page.
+/// `GET /v2/sandboxes`: the caller's sandboxes, oldest first (or newest,
+/// `order=desc`), filtered by metadata (`k=v&...`, URL-encoded), state and
+/// template, a page at a time; the `X-Next-Token` header names the next page.
 async fn list(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Query(query): Query<ListQuery>, headers: HeaderMap) -> Response {
     let shared_ref = &shared;
     call(&shared, &headers, peer, "", "E2B.List", |caller| async move {
@@ -326,7 +329,11 @@ async fn list(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Q
             .filter(|sandbox| sandbox.state != SandboxState::Stopped as i32)
             .filter(|sandbox| states.contains(&state_name(sandbox)))
             .filter(|sandbox| wanted_metadata.iter().all(|(k, v)| sandbox.metadata.get(k) == Some(v)))
+            .filter(|sandbox| query.template.as_ref().is_none_or(|template| &template_name(shared_ref, template) == &sandbox.template))
             .collect();
+        if query.order.as_deref() == Some("desc") {
+            sandboxes.reverse();
+        }
         if let Some(token) = &query.next_token {
             let position = sandboxes.iter().position(|sandbox| &sandbox.id == token).ok_or_else(|| {
                 E2bError::BadRequest(format!("nextToken {token:?} names no sandbox of this listing: start again without it"))

@@ -40,7 +40,8 @@ type Agent = AgentClient<Channel>;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/{service}/{method}", post(connect_rpc))
-        .route("/files", get(files::download).post(files::upload))
+        // Uploads stream to the agent a chunk at a time; the sandbox's disk bounds them.
+        .route("/files", get(files::download).post(files::upload).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/health", get(health))
         .route("/envs", get(envs))
         .with_state(shared)
@@ -75,7 +76,7 @@ impl Call {
         if user != "user" && user != "root" {
             return Err(E2bError::BadRequest(format!("user {user:?} does not exist in the sandbox: use \"user\" or \"root\"")));
         }
-        let handle = shared.manager.agent(&caller, &target.sandbox).await?;
+        let handle = shared.manager.agent(&caller, &target.sandbox).await.map_err(E2bError::on_data_plane)?;
         Ok(Self { shared: Arc::clone(shared), caller, sandbox: target.sandbox.clone(), user, handle })
     }
 
@@ -141,9 +142,17 @@ fn operation_of(service: &str, method: &str) -> &'static str {
 
 /// Runs one Connect call: authenticates, runs `body`, audits, and turns
 /// a failure into the error form its kind of call (unary or stream) takes.
-async fn rpc<F, Fut>(shared: Arc<Shared>, target: Target, peer: Peer, headers: HeaderMap, operation: &'static str, body: F) -> Response
+async fn rpc<F, Fut>(
+    shared: Arc<Shared>,
+    target: Target,
+    peer: Peer,
+    headers: HeaderMap,
+    operation: &'static str,
+    request_body: Body,
+    handler: F,
+) -> Response
 where
-    F: FnOnce(Call) -> Fut,
+    F: FnOnce(Call, Body) -> Fut,
     Fut: std::future::Future<Output = Result<Response, RpcError>>,
 {
     let started = Instant::now();
@@ -151,7 +160,13 @@ where
     let fail = |error: RpcError| if streaming { connect::stream_error(error) } else { connect::unary_error(&error) };
     let call = match Call::begin(&shared, &target, peer, &headers, None, operation).await {
         Ok(call) => call,
+        // A gone sandbox is answered as E2B's proxy does, outside Connect.
+        Err(error @ E2bError::SandboxGone(_)) => {
+            super::drain(request_body).await;
+            return error.into_response();
+        }
         Err(error) => {
+            super::drain(request_body).await;
             let code = match error.status() {
                 StatusCode::UNAUTHORIZED => Code::Unauthenticated,
                 StatusCode::NOT_FOUND => Code::NotFound,
@@ -162,7 +177,7 @@ where
         }
     };
     let (shared, caller, sandbox) = (Arc::clone(&call.shared), call.caller.clone(), call.sandbox.clone());
-    let result = body(call).await;
+    let result = handler(call, request_body).await;
     let outcome = match &result {
         Ok(_) => "ok".to_string(),
         Err(error) => format!("{:?}", error.code),
@@ -191,7 +206,7 @@ async fn connect_rpc(
     };
     let operation = operation_of(package, &method);
     let headers_for_call = headers.clone();
-    rpc(shared, target, peer, headers, operation, |call| async move {
+    rpc(shared, target, peer, headers, operation, body, |call, body| async move {
         let headers = headers_for_call;
         if package == "process" {
             process_method(call, &headers, &method, body).await

@@ -72,7 +72,10 @@ pub async fn upload(
     let headers = request.headers().clone();
     let call = match Call::begin(&shared, &target, peer, &headers, query.username.as_deref(), "envd.Files.Upload").await {
         Ok(call) => call,
-        Err(error) => return error.into_response(),
+        Err(error) => {
+            super::drain(request.into_body()).await;
+            return error.into_response();
+        }
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).unwrap_or_default().to_string();
     let result = if content_type.starts_with("multipart/form-data") {

@@ -72,6 +72,10 @@ pub enum E2bError {
     Sandbox(#[from] SandboxError),
     #[error("{}", .0.message())]
     Agent(tonic::Status),
+    /// A data-plane request for a sandbox that is not there (any more):
+    /// E2B's proxy answers 502 and the SDKs read "was not found".
+    #[error("The sandbox was not found: {0}")]
+    SandboxGone(String),
     #[error("The sandbox is running but port is not open: {0}")]
     PortClosed(String),
     #[error("{0}")]
@@ -88,7 +92,7 @@ impl E2bError {
             E2bError::Conflict(_) => StatusCode::CONFLICT,
             E2bError::Sandbox(error) => sandbox_status(error),
             E2bError::Agent(status) => agent_status(status),
-            E2bError::PortClosed(_) => StatusCode::BAD_GATEWAY,
+            E2bError::PortClosed(_) | E2bError::SandboxGone(_) => StatusCode::BAD_GATEWAY,
             E2bError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -118,6 +122,17 @@ fn agent_status(status: &tonic::Status) -> StatusCode {
         Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
         Code::Unavailable => StatusCode::BAD_GATEWAY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl E2bError {
+    /// The error of a data-plane request: a sandbox that is gone or
+    /// stopped reads as E2B's proxy says it.
+    pub fn on_data_plane(error: SandboxError) -> Self {
+        match error {
+            SandboxError::NotFound(_) | SandboxError::Stopped { .. } => E2bError::SandboxGone(error.to_string()),
+            other => other.into(),
+        }
     }
 }
 
@@ -191,7 +206,10 @@ impl Shared {
             }
             return Err(E2bError::MissingToken(target.sandbox.clone()));
         };
-        let owner = self.manager.owner_of(&target.sandbox).ok_or_else(|| SandboxError::NotFound(target.sandbox.clone()))?;
+        let owner = self
+            .manager
+            .owner_of(&target.sandbox)
+            .ok_or_else(|| E2bError::SandboxGone(SandboxError::NotFound(target.sandbox.clone()).to_string()))?;
         if !self.keys.check_sandbox_token(token.as_bytes(), purpose, &owner, &target.sandbox) {
             let peer = peer.to_string();
             self.audit.record(Entry { key_id: "-", peer: &peer, sandbox: &target.sandbox, operation, outcome: "Unauthenticated" });
@@ -232,6 +250,15 @@ impl Front {
         };
         routed.unwrap_or_else(|never: Infallible| match never {})
     }
+}
+
+/// Reads and drops what is left of a refused request's body (at most
+/// [`connect::MAX_MESSAGE`] bytes, within a few seconds), so that the
+/// connection stays usable for the client's next request; a body larger or
+/// slower than that closes it.
+pub async fn drain(body: Body) {
+    let limited = http_body_util::Limited::new(body, connect::MAX_MESSAGE);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), http_body_util::BodyExt::collect(limited)).await;
 }
 
 /// The sandbox and port a request is for, if it is for one: by the E2B

@@ -31,10 +31,13 @@ pub async fn forward(shared: &Arc<Shared>, target: Target, peer: SocketAddr, req
     let started = Instant::now();
     let caller = match shared.sandbox_caller(request.headers(), peer, &target, "E2B.Port") {
         Ok(caller) => caller,
-        Err(error) => return error.into_response(),
+        Err(error) => {
+            super::drain(request.into_body()).await;
+            return error.into_response();
+        }
     };
     let result = async {
-        let handle = shared.manager.agent(&caller, &target.sandbox).await?;
+        let handle = shared.manager.agent(&caller, &target.sandbox).await.map_err(E2bError::on_data_plane)?;
         let tunnel = open(handle.agent, target.port).await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
             .await
