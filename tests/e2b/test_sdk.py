@@ -186,3 +186,16 @@ def test_metrics_report_the_sandboxs_memory(sbx):
     sample = sbx.get_metrics()[-1]
     assert sample.cpu_count >= 1 and sample.mem_total >= sample.mem_used > 0
     assert sample.disk_total > 0
+
+
+def test_gzip_and_streamed_uploads(sbx):
+    import inspect
+    import io
+
+    if "gzip" not in inspect.signature(sbx.files.write).parameters:
+        pytest.skip("this SDK version has no gzip or octet-stream uploads")
+    data = b"compressible " * 100_000
+    sbx.files.write("/tmp/gz.txt", data, gzip=True)
+    sbx.files.write("/tmp/stream.txt", io.BytesIO(data))
+    for path in ("/tmp/gz.txt", "/tmp/stream.txt"):
+        assert bytes(sbx.files.read(path, format="bytes")) == data
