@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(build-essential pkg-config libclang-dev mmdebstrap e2fsprogs python3 python3-venv procps iproute2 binutils curl ca-certificates nodejs npm)
+apt_packages=(build-essential pkg-config libclang-dev mmdebstrap e2fsprogs python3 python3-venv procps iproute2 binutils curl ca-certificates)
 scripts/apt-install.sh "${apt_packages[@]}"
 
 if ! command -v cargo >/dev/null; then
@@ -29,5 +29,7 @@ for version in 2.63.0 2.30.0; do
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check pytest "e2b==$version"
 done
+# Node and npm for the npm SDK: Debian's, unless a node with its own npm is there already.
+command -v npm >/dev/null || scripts/apt-install.sh nodejs npm
 [ -d target/e2b-js/node_modules/e2b ] && grep -q '"version": "2.51.0"' target/e2b-js/node_modules/e2b/package.json ||
   timeout 600 npm install --prefix target/e2b-js --no-save --no-audit --no-fund e2b@2.51.0
