@@ -199,3 +199,17 @@ def test_gzip_and_streamed_uploads(sbx):
     sbx.files.write("/tmp/stream.txt", io.BytesIO(data))
     for path in ("/tmp/gz.txt", "/tmp/stream.txt"):
         assert bytes(sbx.files.read(path, format="bytes")) == data
+
+
+def test_pause_then_connect_resumes_with_files_intact(daemon):
+    sandbox = Sandbox.create()
+    try:
+        sandbox.files.write("/home/user/kept.txt", "still here")
+        pause = getattr(sandbox, "pause", None) or sandbox.beta_pause
+        pause()
+        assert sandbox.get_info().state.value == "paused"
+        again = Sandbox.connect(sandbox.sandbox_id)
+        assert again.get_info().state.value == "running"
+        assert again.commands.run("cat /home/user/kept.txt").stdout == "still here"
+    finally:
+        sandbox.kill()
