@@ -329,7 +329,7 @@ async fn list(State(shared): State<Shared_>, Extension(peer): Extension<Peer>, Q
             .filter(|sandbox| sandbox.state != SandboxState::Stopped as i32)
             .filter(|sandbox| states.contains(&state_name(sandbox)))
             .filter(|sandbox| wanted_metadata.iter().all(|(k, v)| sandbox.metadata.get(k) == Some(v)))
-            .filter(|sandbox| query.template.as_ref().is_none_or(|template| &template_name(shared_ref, template) == &sandbox.template))
+            .filter(|sandbox| query.template.as_ref().is_none_or(|template| template_name(shared_ref, template) == sandbox.template))
             .collect();
         if query.order.as_deref() == Some("desc") {
             sandboxes.reverse();
