@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Builds the sandbox root image both backends use: a small Debian bookworm
-# made from Debian's packages with mmdebstrap (python3, nodejs,
-# ca-certificates, procps and the usual shell tools; nothing is copied from
-# this host), the static sandbox-agent as /sbin/init, the users root and
+# Builds the sandbox root image both backends use: a Debian bookworm made
+# from Debian's packages with mmdebstrap (nothing is copied from this host),
+# the static sandbox-agent as /sbin/init, the users root and
 # user (1000:1000, home /home/user) and the hostname sandbox. MicroVMs boot
 # it as their disk (root=/dev/vda, the agent as PID 1 mounts /proc and the
 # rest); jails mount it read-only as their `/`, so every mountpoint they use
 # exists in it (/proc /sys /dev /tmp /run /run/sandbox /home/user /root
 # /.sandbox).
+#
+#   scripts/guest-image.sh [full|small]   (default: $SANDBOXD_GUEST_FLAVOUR, else full)
+#
+# Flavours:
+#   full   what an agent expects of a code sandbox: bash, coreutils, python3
+#          with pip, numpy, pandas, matplotlib, ipykernel (and jupyter_client,
+#          which the agent's kernel driver uses), node with npm, git, curl, and
+#          bash_kernel (a pinned PyPI wheel, checked by its hash) for bash code
+#          contexts. The default template.
+#   small  python3, nodejs, ca-certificates, procps and the usual shell tools:
+#          for the nested Linux-guest suite, which copies the image into a
+#          nested host's initramfs (SANDBOXD_GUEST_FLAVOUR=small).
 #
 # Two caches under ${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}/guest-image:
 #   base-KEY.tar  the Debian tree, keyed by the suite, the package list and
@@ -22,8 +33,20 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}/guest-image
 
+flavour=${1:-${SANDBOXD_GUEST_FLAVOUR:-full}}
 suite=bookworm
 packages=(python3 nodejs ca-certificates procps less curl xz-utils bzip2 unzip)
+# PyPI wheels installed with pip --require-hashes (name==version --hash=sha256:...).
+wheels=()
+case "$flavour" in
+  small) ;;
+  full)
+    packages+=(bash coreutils python3-pip python3-numpy python3-pandas python3-matplotlib python3-ipykernel
+      python3-jupyter-client python3-pexpect python3-filetype npm git)
+    wheels+=('bash_kernel==0.10.0 --hash=sha256:da28513230f5307c7a49e87352366304dc52b66faa207d6caed1b2bdec03c1fa')
+    ;;
+  *) echo "guest-image: unknown flavour '$flavour': use full or small" >&2; exit 2 ;;
+esac
 # Paths dpkg never unpacks: documentation (but the copyright notices), man
 # and info pages, translations. The C.UTF-8 locale lives in /usr/lib/locale.
 dpkg_options=(
@@ -55,6 +78,16 @@ bootstrap_debian() {
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr "$suite" "$1" >&2
 }
 
+# Installs the pinned wheels into the tree $1 with its own pip (the
+# dependencies come from Debian), while it still has the host's resolver.
+install_wheels() {
+  [ ${#wheels[@]} -gt 0 ] || return 0
+  printf '%s\n' "${wheels[@]}" > "$1/tmp/wheels.txt"
+  timeout --kill-after=30 600 chroot "$1" python3 -m pip install --quiet --no-deps --require-hashes \
+    --only-binary=:all: --no-cache-dir --break-system-packages --disable-pip-version-check -r /tmp/wheels.txt >&2
+  rm "$1/tmp/wheels.txt"
+}
+
 # Makes the tree in $1 a sandbox root: users, names, mountpoints, no host
 # files, nothing that only takes space.
 shape_root() {
@@ -74,10 +107,17 @@ shape_root() {
   chmod 0700 "$root/root"
   # Root inside comes from the API (Exec as root), never from a setuid file.
   find "$root" -xdev -type f -perm /6000 -exec chmod ug-s {} +
-  find "$root" -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
-  # ...but for the few modules every python3 start imports (32 KiB): without
-  # them each start compiles them again, ~6 ms of its ~18 ms.
-  env -u PYTHONDONTWRITEBYTECODE chroot "$root" python3 -c pass
+  # The small flavour keeps byte code only for the few modules every python3
+  # start imports (32 KiB): without them each start compiles them again,
+  # ~6 ms of its ~18 ms. The full one keeps what Debian compiled, since the
+  # root is read-only in a jail and a kernel importing numpy, pandas and
+  # matplotlib from source would take seconds each time.
+  if [ "$flavour" = small ]; then
+    find "$root" -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
+    env -u PYTHONDONTWRITEBYTECODE chroot "$root" python3 -c pass
+  else
+    chroot "$root" python3 -m compileall -q -j 2 /usr/local/lib >&2
+  fi
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old
   find "$root/var/log" -type f -delete
 }
@@ -87,6 +127,7 @@ build_base() {
   local work=$1 root=$1/root
   mkdir "$root"
   bootstrap_debian "$root"
+  install_wheels "$root"
   shape_root "$root"
   chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' > "$work/packages.txt"
   tar --numeric-owner --xattrs --xattrs-include='*' -C "$root" -cf "$work/base.tar" .
@@ -117,7 +158,8 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release -p sandb
   --target x86_64-unknown-linux-gnu --manifest-path "$repo/Cargo.toml" >&2
 agent=$target_dir/x86_64-unknown-linux-gnu/release/sandbox-agent
 
-base_key=$( (echo "$suite"; printf '%s\n' "${packages[@]}" "${dpkg_options[@]}"; declare -f bootstrap_debian shape_root build_base) \
+base_key=$( (echo "$suite"; printf '%s\n' "${packages[@]}" "${wheels[@]}" "${dpkg_options[@]}"
+  declare -f bootstrap_debian install_wheels shape_root build_base) \
   | sha256sum | cut -c1-16)
 key=$( (echo "$base_key"; echo "$headroom_mib"; declare -f build_image; sha256sum < "$agent") | sha256sum | cut -c1-16)
 base=$cache/base-$base_key.tar
@@ -148,7 +190,7 @@ trap 'rm -rf --one-file-system "$work"' EXIT
 
 started=$(date +%s)
 if [ ! -f "$base" ]; then
-  log "bootstrapping Debian $suite (${packages[*]}) into $base"
+  log "bootstrapping Debian $suite, flavour $flavour (${packages[*]}) into $base"
   mkdir "$work/base"
   build_base "$work/base" "$base" "${base%.tar}.packages"
   log "Debian base ready in $(( $(date +%s) - started )) s"
