@@ -80,12 +80,16 @@ bootstrap_debian() {
 
 # Installs the pinned wheels into the tree $1 with its own pip (the
 # dependencies come from Debian), while it still has the host's resolver.
+# pip trusts the host's CA bundle for the download (hosts behind a TLS
+# proxy need it); the bundle is removed again and the hashes are checked.
 install_wheels() {
   [ ${#wheels[@]} -gt 0 ] || return 0
   printf '%s\n' "${wheels[@]}" > "$1/tmp/wheels.txt"
-  timeout --kill-after=30 600 chroot "$1" python3 -m pip install --quiet --no-deps --require-hashes \
-    --only-binary=:all: --no-cache-dir --break-system-packages --disable-pip-version-check -r /tmp/wheels.txt >&2
-  rm "$1/tmp/wheels.txt"
+  cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$1/tmp/host-ca.crt"
+  timeout --kill-after=30 600 env -u PIP_FIND_LINKS PIP_CERT=/tmp/host-ca.crt chroot "$1" python3 -m pip install \
+    --quiet --no-deps --require-hashes --only-binary=:all: --no-cache-dir --break-system-packages \
+    --disable-pip-version-check -r /tmp/wheels.txt >&2
+  rm "$1/tmp/wheels.txt" "$1/tmp/host-ca.crt"
 }
 
 # Makes the tree in $1 a sandbox root: users, names, mountpoints, no host
