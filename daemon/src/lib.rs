@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod cli;
+pub mod code;
 pub mod connections;
 pub mod e2b;
 pub mod ids;

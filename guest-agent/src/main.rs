@@ -9,8 +9,10 @@
 //! first. Started as PID 1 without arguments (a microVM's init), it does
 //! both: mounts, then serves on vsock port 1024.
 
+mod contexts;
 mod files;
 mod init;
+mod kernel;
 mod ports;
 mod process;
 mod processes;

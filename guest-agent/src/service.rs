@@ -14,12 +14,15 @@ use sandbox_proto::{
         MakeDirRequest, MoveRequest, PtySize, RemoveRequest, RemoveResponse, ResizeRequest, ResizeResponse,
         RunCodeRequest, RunCodeResponse, SendInputRequest, SendInputResponse, SignalRequest, SignalResponse,
         StatRequest, UploadRequest, WatchEvent, WatchRequest,
+        CodeContext, CreateContextRequest, DeleteContextRequest, DeleteContextResponse, ListContextsRequest,
+        ListContextsResponse, RestartContextRequest, RunCodeEvent,
     },
 };
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    contexts::Contexts,
     files::{self, checked_path},
     ports,
     process::{self, ProcessSpec, SpawnOptions},
@@ -33,11 +36,23 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>
 pub struct AgentService {
     reaper: Reaper,
     table: ProcessTable,
+    contexts: Arc<Contexts>,
 }
 
 impl AgentService {
     pub fn new(reaper: Reaper) -> Self {
-        Self { reaper, table: ProcessTable::default() }
+        Self { contexts: Arc::new(Contexts::new(reaper.clone())), reaper, table: ProcessTable::default() }
+    }
+
+    /// Starts a RunCode call: in a fresh process, or as a context's cell.
+    async fn start_code(&self, request: RunCodeRequest) -> Result<tokio::sync::mpsc::Receiver<Result<RunCodeEvent, Status>>, Status> {
+        let (events, receiver) = tokio::sync::mpsc::channel(64);
+        if request.context_id.is_empty() {
+            runcode::start(&self.reaper, request, events)?;
+        } else {
+            Arc::clone(&self.contexts).run(request, events).await?;
+        }
+        Ok(receiver)
     }
 }
 
@@ -49,6 +64,7 @@ impl Agent for AgentService {
     type DownloadStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
     type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
     type ForwardPortStream = Pin<Box<dyn Stream<Item = Result<PortData, Status>> + Send>>;
+    type RunCodeStreamStream = Pin<Box<dyn Stream<Item = Result<RunCodeEvent, Status>> + Send>>;
 
     async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         Ok(Response::new(HelloResponse { agent_version: env!("CARGO_PKG_VERSION").into(), pid: std::process::id() }))
@@ -167,7 +183,30 @@ impl Agent for AgentService {
     }
 
     async fn run_code(&self, request: Request<RunCodeRequest>) -> Result<Response<RunCodeResponse>, Status> {
-        Ok(Response::new(runcode::run(&self.reaper, request.into_inner()).await?))
+        let events = self.start_code(request.into_inner()).await?;
+        Ok(Response::new(runcode::collect(events).await?))
+    }
+
+    async fn run_code_stream(&self, request: Request<RunCodeRequest>) -> Result<Response<Self::RunCodeStreamStream>, Status> {
+        let events = self.start_code(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn create_context(&self, request: Request<CreateContextRequest>) -> Result<Response<CodeContext>, Status> {
+        Ok(Response::new(self.contexts.create(request.into_inner()).await?))
+    }
+
+    async fn list_contexts(&self, _: Request<ListContextsRequest>) -> Result<Response<ListContextsResponse>, Status> {
+        Ok(Response::new(ListContextsResponse { contexts: self.contexts.list() }))
+    }
+
+    async fn restart_context(&self, request: Request<RestartContextRequest>) -> Result<Response<CodeContext>, Status> {
+        Ok(Response::new(self.contexts.restart(&request.get_ref().context_id).await?))
+    }
+
+    async fn delete_context(&self, request: Request<DeleteContextRequest>) -> Result<Response<DeleteContextResponse>, Status> {
+        self.contexts.delete(&request.get_ref().context_id)?;
+        Ok(Response::new(DeleteContextResponse {}))
     }
 
     async fn upload(&self, request: Request<Streaming<UploadRequest>>) -> Result<Response<FileInfo>, Status> {

@@ -165,6 +165,28 @@ impl ApiContext {
     }
 }
 
+impl ApiContext {
+    /// Authenticates one call, runs it on the manager and audits it.
+    pub async fn serve<Req, Reply, Call, Fut>(
+        &self,
+        request: tonic::Request<Req>,
+        operation: &'static str,
+        sandbox_id: impl Fn(&Req) -> &str,
+        call: Call,
+    ) -> Result<tonic::Response<Reply>, Status>
+    where
+        Call: FnOnce(Arc<SandboxManager>, Caller, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Reply, Status>>,
+    {
+        let started = Instant::now();
+        let caller = crate::auth::caller(&request)?;
+        let message = request.into_inner();
+        let id = sandbox_id(&message).to_string();
+        let result = call(Arc::clone(&self.manager), caller.clone(), message).await;
+        self.observe(&caller, &id, operation, started, result).map(tonic::Response::new)
+    }
+}
+
 /// Re-labels connection failures inside a forwarded reply stream.
 pub fn forwarded_stream<T: Send + 'static>(
     sandbox: String,

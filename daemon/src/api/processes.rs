@@ -1,5 +1,6 @@
-//! `sandbox.v1.Processes`: exec, interactive sessions and run-code, each
-//! forwarded to the sandbox's agent.
+//! `sandbox.v1.Processes`: exec, interactive sessions and attach, each
+//! forwarded to the sandbox's agent; run-code and code contexts, served by
+//! the manager's [`code`](crate::code) calls.
 
 use std::time::Instant;
 
@@ -7,15 +8,17 @@ use sandbox_proto::api::{
     connect_request::Input, processes_server::Processes, ConnectRequest, ExecEvent, ExecRequest, ResizeRequest,
     ResizeResponse, RunCodeRequest, RunCodeResponse, SendInputRequest, SendInputResponse, SignalRequest,
     SignalResponse,
+    CodeContext, CreateContextRequest, DeleteContextRequest, DeleteContextResponse, ListContextsRequest,
+    ListContextsResponse, RestartContextRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    agent_status, check_env, check_process, forwarded_stream, require_sandbox_id, require_size, ApiContext, ReplyStream,
+    agent_status, check_process, forwarded_stream, require_sandbox_id, require_size, ApiContext, ReplyStream,
     MAX_CHUNK_BYTES, MAX_STDIN_BYTES,
 };
-use crate::auth;
+use crate::{auth, code::CodeEvents};
 
 pub struct ProcessesService(pub ApiContext);
 
@@ -80,18 +83,52 @@ impl Processes for ProcessesService {
 
     async fn run_code(&self, request: Request<RunCodeRequest>) -> Result<Response<RunCodeResponse>, Status> {
         self.0
-            .forward(
-                request,
-                "Processes.RunCode",
-                |r| &r.sandbox_id,
-                |handle, r| {
-                    check_env("env", &r.env)?;
-                    require_size("code", r.code.len(), MAX_CHUNK_BYTES, "upload large programs with Files.Upload and run them with Exec")?;
-                    r.env = handle.merged_env(std::mem::take(&mut r.env));
-                    Ok(())
-                },
-                |mut agent, r| async move { agent.run_code(r).await },
-            )
+            .serve(request, "Processes.RunCode", |r| &r.sandbox_id, |manager, caller, r| async move {
+                Ok(manager.run_code_collected(&caller, r).await?)
+            })
+            .await
+    }
+
+    type RunCodeStreamStream = CodeEvents;
+
+    async fn run_code_stream(&self, request: Request<RunCodeRequest>) -> Result<Response<CodeEvents>, Status> {
+        self.0
+            .serve(request, "Processes.RunCodeStream", |r| &r.sandbox_id, |manager, caller, r| async move {
+                Ok(manager.run_code(&caller, r).await?)
+            })
+            .await
+    }
+
+    async fn create_context(&self, request: Request<CreateContextRequest>) -> Result<Response<CodeContext>, Status> {
+        self.0
+            .serve(request, "Processes.CreateContext", |r| &r.sandbox_id, |manager, caller, r| async move {
+                Ok(manager.create_context(&caller, r).await?)
+            })
+            .await
+    }
+
+    async fn list_contexts(&self, request: Request<ListContextsRequest>) -> Result<Response<ListContextsResponse>, Status> {
+        self.0
+            .serve(request, "Processes.ListContexts", |r| &r.sandbox_id, |manager, caller, r| async move {
+                Ok(ListContextsResponse { contexts: manager.list_contexts(&caller, &r.sandbox_id).await? })
+            })
+            .await
+    }
+
+    async fn restart_context(&self, request: Request<RestartContextRequest>) -> Result<Response<CodeContext>, Status> {
+        self.0
+            .serve(request, "Processes.RestartContext", |r| &r.sandbox_id, |manager, caller, r| async move {
+                Ok(manager.restart_context(&caller, &r.sandbox_id, &r.context_id).await?)
+            })
+            .await
+    }
+
+    async fn delete_context(&self, request: Request<DeleteContextRequest>) -> Result<Response<DeleteContextResponse>, Status> {
+        self.0
+            .serve(request, "Processes.DeleteContext", |r| &r.sandbox_id, |manager, caller, r| async move {
+                manager.delete_context(&caller, &r.sandbox_id, &r.context_id).await?;
+                Ok(DeleteContextResponse {})
+            })
             .await
     }
 
