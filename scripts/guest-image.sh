@@ -78,18 +78,18 @@ bootstrap_debian() {
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr "$suite" "$1" >&2
 }
 
-# Installs the pinned wheels into the tree $1 with its own pip (the
-# dependencies come from Debian), while it still has the host's resolver.
-# pip trusts the host's CA bundle for the download (hosts behind a TLS
-# proxy need it); the bundle is removed again and the hashes are checked.
+# Installs the pinned wheels into the tree $1 (their dependencies come
+# from Debian): the host's pip downloads them, checking their hashes, with
+# the host's own index and CA settings, and the tree's pip installs the files.
 install_wheels() {
   [ ${#wheels[@]} -gt 0 ] || return 0
+  mkdir "$1/tmp/wheels"
   printf '%s\n' "${wheels[@]}" > "$1/tmp/wheels.txt"
-  cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$1/tmp/host-ca.crt"
-  timeout --kill-after=30 600 env -u PIP_FIND_LINKS PIP_CERT=/tmp/host-ca.crt chroot "$1" python3 -m pip install \
-    --quiet --no-deps --require-hashes --only-binary=:all: --no-cache-dir --break-system-packages \
-    --disable-pip-version-check -r /tmp/wheels.txt >&2
-  rm "$1/tmp/wheels.txt" "$1/tmp/host-ca.crt"
+  timeout --kill-after=30 600 python3 -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+    --disable-pip-version-check --dest "$1/tmp/wheels" -r "$1/tmp/wheels.txt" >&2
+  chroot "$1" sh -c 'python3 -m pip install --quiet --no-index --no-deps --no-cache-dir --break-system-packages \
+    --disable-pip-version-check /tmp/wheels/*.whl' >&2
+  rm -r "$1/tmp/wheels" "$1/tmp/wheels.txt"
 }
 
 # Makes the tree in $1 a sandbox root: users, names, mountpoints, no host
@@ -177,7 +177,7 @@ if [ "$(id -u)" -ne 0 ]; then
   log "building the image needs root (mmdebstrap creates root-owned files): run this script as root or with sudo"
   exit 1
 fi
-"$repo/scripts/apt-install.sh" mmdebstrap e2fsprogs binutils
+"$repo/scripts/apt-install.sh" mmdebstrap e2fsprogs binutils python3-pip
 
 mkdir -p "$cache"
 # One build at a time; whoever waited finds the other's result.

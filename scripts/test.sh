@@ -12,7 +12,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The guest kernel for the Linux boot smoke test (cached after the first build).
 SANDBOXD_KERNEL_DIR=$(kernel-config/build.sh)
 export SANDBOXD_KERNEL_DIR SANDBOXD_REQUIRE_KERNEL=1
-# The guest root image: jails mount it read-only as / (microVMs boot it).
+# The guest root image (the full flavour, with the code interpreter's
+# kernels): jails mount it read-only as / (microVMs boot it).
 SANDBOXD_GUEST_IMAGE_DIR=$(scripts/guest-image.sh)
 export SANDBOXD_GUEST_IMAGE_DIR
 
@@ -26,8 +27,9 @@ E2B_JS_SDK="$PWD/target/e2b-js/node_modules" SANDBOXD_BIN="$PWD/target/debug/san
 SANDBOXD_BIN="$PWD/target/debug/sandboxd" timeout 900 target/e2b-py-2.30.0/bin/python -m pytest -q tests/e2b
 
 # The Linux-guest suite (SANDBOXD_E2E_KVM=1) on a nested host with emulated
-# AMD-V, since this machine's own /dev/kvm cannot boot Linux guests.
-tests/nested/run.sh > target/nested.log 2>&1 || { tail -n 60 target/nested.log; exit 1; }
+# AMD-V, since this machine's own /dev/kvm cannot boot Linux guests. It
+# copies the image into the nested host's initramfs: the small flavour.
+SANDBOXD_GUEST_FLAVOUR=small tests/nested/run.sh > target/nested.log 2>&1 || { tail -n 60 target/nested.log; exit 1; }
 grep -E "microVM (Create|Resume)|sandboxd template build|template ready|NESTED-RESULT|NESTED-HOST-(OOPS|WEDGE)|NESTED-TIMEOUT|TEST-DEADLINE|nested run took" target/nested.log
 # The restore stress run (`tests/nested/run.sh --stress N`) is run by hand for now: at N=40 it found
 # a restored guest that shuts itself down and a restore without prefetch that hangs (about 1 in 120

@@ -220,12 +220,18 @@ fn checked_events(sandbox: String, mut events: tonic::Streaming<RunCodeEvent>, d
         let give_up = deadline.map(|deadline| tokio::time::Instant::now() + deadline);
         let mut sent = 0usize;
         let outcome = loop {
-            let next = match give_up {
-                Some(at) => match tokio::time::timeout_at(at, events.next()).await {
-                    Ok(next) => next,
-                    Err(_) => break Err(overdue(&sandbox).into()),
-                },
-                None => events.next().await,
+            let overdue_at = async {
+                match give_up {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // A client that leaves ends the agent's stream too, so the
+            // agent interrupts the cell.
+            let next = tokio::select! {
+                next = events.next() => next,
+                () = overdue_at => break Err(overdue(&sandbox).into()),
+                () = sender.closed() => return,
             };
             let event = match next {
                 Some(Ok(event)) => checked_event(event),

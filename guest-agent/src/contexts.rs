@@ -154,6 +154,9 @@ impl Contexts {
             + if request.timeout_ms == 0 { DEFAULT_DEADLINE } else { Duration::from_millis(request.timeout_ms) };
         tokio::spawn(async move {
             let mut kernel = context.kernel.lock().await;
+            if events.is_closed() {
+                return;
+            }
             let end = run_cell(&self, &context, &mut kernel, &request, deadline, &events).await;
             if !self.lock().contains_key(&context.id) {
                 kernel.take();

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 KERNEL_MODULES = {"python": "ipykernel_launcher", "bash": "bash_kernel"}
 language = sys.argv[1]
@@ -57,12 +58,26 @@ def start_kernel(directory):
     argv = [sys.executable, "-m", module, "-f", connection]
     if language == "python":
         argv += ["--InteractiveShell.colors=NoColor", "--HistoryManager.enabled=False"]
-    kernel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = os.path.join(directory, "kernel.log")
+    with open(log_path, "wb") as log:
+        kernel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     client = BlockingKernelClient(connection_file=connection)
     client.load_connection_file()
-    client.start_channels()
-    client.wait_for_ready(timeout=120)
-    return kernel, client
+    # No heartbeat: a kernel slow to start (bash_kernel waits for its
+    # shell) would count as dead. Whether it lives is the process's word.
+    client.start_channels(hb=False)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.wait_for_ready(timeout=2)
+            return kernel, client
+        except RuntimeError:
+            if kernel.poll() is None and time.monotonic() < deadline:
+                continue
+        with open(log_path, "rb") as log:
+            log.seek(max(0, os.path.getsize(log_path) - 4096))
+            said = log.read().decode("utf-8", "replace")
+        sys.exit(f"the kernel did not start ({'it exited' if kernel.poll() is not None else 'no answer in 120 s'}): {said}")
 
 
 def env_code(env):
@@ -115,8 +130,10 @@ def wait_idle(client, msg_id, handle):
         if message["msg_type"] == "status" and message["content"].get("execution_state") == "idle":
             break
         handle(message)
-    while next_message(client.get_shell_msg).get("parent_header", {}).get("msg_id") != msg_id:
-        pass
+    while True:
+        reply = next_message(client.get_shell_msg)
+        if reply.get("parent_header", {}).get("msg_id") == msg_id:
+            return reply
 
 
 def forward(message):
@@ -142,7 +159,10 @@ def execute(client, request, return_file):
     if before:
         run_quietly(client, before)
     msg_id = client.execute(request["code"], store_history=True, allow_stdin=False, stop_on_error=False)
-    wait_idle(client, msg_id, forward)
+    reply = wait_idle(client, msg_id, forward)
+    if reply["content"].get("status") in ("abort", "aborted"):
+        # bash_kernel answers an interrupt so, without an error of its own.
+        emit("error", {"name": "KeyboardInterrupt", "value": "the cell was interrupted", "traceback": ""})
     if after:
         run_quietly(client, after)
     if return_file and os.path.exists(return_file):
