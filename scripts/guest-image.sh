@@ -120,7 +120,7 @@ shape_root() {
     find "$root" -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
     env -u PYTHONDONTWRITEBYTECODE chroot "$root" python3 -c pass
   else
-    chroot "$root" python3 -m compileall -q -j 2 /usr/local/lib >&2
+    chroot "$root" python3 -m compileall -q /usr/local/lib >&2
   fi
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old
   find "$root/var/log" -type f -delete

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     path::Path,
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicI32, AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -42,12 +42,18 @@ struct Context {
     spec: KernelSpec,
     created_at_unix_ms: i64,
     execution_count: AtomicU32,
+    /// The driver's process group, to kill a kernel while a cell holds it.
+    kernel_pid: AtomicI32,
     /// The kernel, held by the running cell (cells run one at a time) and
     /// by restarts. None while a restart is starting it again.
     kernel: tokio::sync::Mutex<Option<Kernel>>,
 }
 
 impl Context {
+    fn kill_kernel(&self) {
+        crate::process::signal_group(self.kernel_pid.load(Ordering::Relaxed), libc::SIGKILL);
+    }
+
     fn info(&self) -> CodeContext {
         CodeContext {
             id: self.id.clone(),
@@ -102,6 +108,7 @@ impl Contexts {
             spec,
             created_at_unix_ms: unix_ms(),
             execution_count: AtomicU32::new(0),
+            kernel_pid: AtomicI32::new(kernel.pid()),
             kernel: tokio::sync::Mutex::new(Some(kernel)),
         });
         tracing::info!(context = %context.id, language = language_name(language), "code context created");
@@ -129,7 +136,14 @@ impl Contexts {
 
     pub async fn restart(&self, id: &str) -> Result<CodeContext, Status> {
         let context = self.find(id)?;
-        let mut kernel = context.kernel.lock().await;
+        // A running cell ends at once: its kernel is killed under it.
+        let mut kernel = match context.kernel.try_lock() {
+            Ok(kernel) => kernel,
+            Err(_) => {
+                context.kill_kernel();
+                context.kernel.lock().await
+            }
+        };
         restart(&self.reaper, &context, &mut kernel).await?;
         Ok(context.info())
     }
@@ -138,10 +152,11 @@ impl Contexts {
         let context = self.lock().remove(id).ok_or_else(|| {
             Status::not_found(format!("code context '{id}' does not exist in this sandbox: call ListContexts"))
         })?;
-        // A running cell holds the kernel; it is killed when that cell lets
-        // go of it (the context is out of the table, so it ends with it).
-        if let Ok(mut kernel) = context.kernel.try_lock() {
-            kernel.take();
+        // A running cell holds the kernel: it is killed under it, and the
+        // cell, finding its context gone, does not start it again.
+        match context.kernel.try_lock() {
+            Ok(mut kernel) => drop(kernel.take()),
+            Err(_) => context.kill_kernel(),
         }
         tracing::info!(context = %id, "code context deleted");
         Ok(())
@@ -171,7 +186,9 @@ impl Contexts {
 async fn restart(reaper: &Reaper, context: &Context, kernel: &mut Option<Kernel>) -> Result<(), Status> {
     kernel.take();
     context.execution_count.store(0, Ordering::Relaxed);
-    *kernel = Some(Kernel::start(reaper, &context.spec).await?);
+    let started = Kernel::start(reaper, &context.spec).await?;
+    context.kernel_pid.store(started.pid(), Ordering::Relaxed);
+    *kernel = Some(started);
     tracing::info!(context = %context.id, "code context restarted");
     Ok(())
 }
@@ -262,6 +279,9 @@ async fn run_cell(
                 cell.send(Event::Stderr(note.into())).await;
             }
         }
+    }
+    if !contexts.lock().contains_key(&context.id) {
+        return Err(Status::not_found(format!("code context '{}' was deleted while the cell ran", context.id)));
     }
     // The kernel died or did not stop at the interrupt: start it again.
     cell.end.context_restarted = true;

@@ -148,6 +148,11 @@ impl Kernel {
         }
     }
 
+    /// The driver's pid, which leads its process group.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Sends one request line to the driver.
     pub async fn send(&mut self, request: &Value) -> Result<(), Status> {
         let mut line = request.to_string();

@@ -211,7 +211,8 @@ async fn contexts_are_apart_restart_clears_and_delete_frees() {
     assert_eq!(cleared.error_name(), "NameError", "{cleared:?}");
     assert_eq!(cleared.execution_count, 1);
 
-    let kernels = "ps -eo args | grep -c '[i]pykernel_launcher' || true";
+    // Kernel processes (their drivers' arguments name the module, not `-m` before it).
+    let kernels = "ps -eo args | grep -c -- '-m [i]pykernel_launcher -f' || true";
     assert_eq!(api.sh(&id, kernels).await.trim(), "2");
     api.processes.delete_context(DeleteContextRequest { sandbox_id: id.clone(), context_id: a.id.clone() }).await.unwrap();
     let gone = api.processes.run_code_stream(cell(&id, &a.id, "1")).await.unwrap_err();
