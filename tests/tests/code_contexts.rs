@@ -104,7 +104,7 @@ async fn python_context_keeps_state_and_returns_results_errors_and_plots() {
     assert!(figure.data["image/png"].starts_with("iVBORw0KGgo"), "{}", &figure.data["image/png"][..32.min(figure.data["image/png"].len())]);
 
     let returned = run(&mut api, cell(&id, &python.id, "__return__({'x': x, 'ok': True})")).await;
-    assert_eq!(returned.end.unwrap().result_json, r#"{"x":41,"ok":true}"#);
+    assert_eq!(returned.end.unwrap().result_json, r#"{"ok":true,"x":41}"#);
 
     // The unary RunCode with a context gathers the same.
     let unary = api.processes.run_code(cell(&id, &python.id, "print('hi')\nx * 2")).await.unwrap().into_inner();
