@@ -28,7 +28,7 @@ use crate::{
     admission::{Admission, AdmissionError, HostFacts, Quotas, Reservation},
     agent_client,
     auth::Caller,
-    backend::{Backend, BackendError, Instance, LaunchSpec, ResourceLimits},
+    backend::{Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits},
     ids, metrics,
     pool::{PoolConfig, WarmPool},
     registry::{Registry, RegistryError, SandboxRecord, StoredState},
@@ -403,15 +403,21 @@ impl SandboxManager {
 
     pub async fn pause(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
         let sandbox = self.find(caller, id)?;
-        self.notice_stop(&sandbox).await;
+        self.suspend(&sandbox).await?;
+        Ok(sandbox.to_proto(self.backend_name()))
+    }
+
+    /// Sets a running sandbox aside (a microVM to disk), recorded as paused.
+    async fn suspend(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
+        self.notice_stop(sandbox).await;
         let instance = sandbox.instance.lock().await;
-        let instance = instance.as_ref().ok_or_else(|| stopped_or_gone(&sandbox))?;
+        let instance = instance.as_ref().ok_or_else(|| stopped_or_gone(sandbox))?;
         if sandbox.run_state() == RunState::Running {
             instance.suspend().await?;
             sandbox.set_run_state(RunState::Paused);
             self.persist_state(&sandbox.id, StoredState::Paused, "").await?;
         }
-        Ok(sandbox.to_proto(self.backend_name()))
+        Ok(())
     }
 
     pub async fn resume(&self, caller: &Caller, id: &str) -> Result<api::Sandbox, SandboxError> {
@@ -520,7 +526,8 @@ impl SandboxManager {
     }
 
     /// At a graceful stop: destroys the pooled guests (no one's yet), and
-    /// deletes every sandbox or leaves them running for the next start.
+    /// deletes every sandbox or leaves them for the next start (running,
+    /// or with `suspend` microVMs paused to disk first).
     pub async fn shutdown(&self, on_stop: OnStop) {
         for pool in self.pools.values() {
             pool.drain().await;
@@ -529,12 +536,26 @@ impl SandboxManager {
         for sandbox in all {
             let outcome = match on_stop {
                 OnStop::Delete => self.remove(&sandbox).await,
+                OnStop::Suspend if self.backend.kind() == BackendKind::MicroVm => self.suspend_and_keep(&sandbox).await,
                 OnStop::Keep | OnStop::Suspend => self.keep(&sandbox).await,
             };
             if let Err(error) = outcome {
                 tracing::warn!(%error, sandbox = %sandbox.id, ?on_stop, "cannot stop with a sandbox as asked");
             }
         }
+    }
+
+    /// Pauses a running sandbox to disk, then keeps it; one that cannot be
+    /// paused is kept running.
+    async fn suspend_and_keep(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
+        let suspended = match sandbox.run_state() {
+            RunState::Running => self.suspend(sandbox).await,
+            RunState::Paused | RunState::Stopped(_) => Ok(()),
+        };
+        if let Err(error) = suspended {
+            tracing::warn!(%error, sandbox = %sandbox.id, "cannot pause a sandbox to disk at stop; keeping it running");
+        }
+        self.keep(sandbox).await
     }
 
     /// Lets a sandbox's guest run on after the daemon ends. A backend that

@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 
 use crate::backend::microvm::{
     vm_dir::{self, VmDirError},
-    vmm_process::{vmm_config, RestoreMemory, VmProcess, VmProcessError, VmSource},
+    vmm_process::{vmm_config, Lifetime, RestoreMemory, VmProcess, VmProcessError, VmSource},
 };
 
 /// The template's description, next to its snapshot files.
@@ -192,7 +192,7 @@ async fn build_in(options: &BuildOptions, work: &Path, progress: &(dyn Fn(&str) 
 /// Boots the guest in `dir`, waits for its agent and a quiet console,
 /// snapshots it inside its jail, and moves the snapshot to `snapshot`.
 async fn boot_and_snapshot(options: &BuildOptions, dir: &Path, snapshot: &Path, progress: &(dyn Fn(&str) + Sync)) -> Result<(), TemplateError> {
-    let vm = VmProcess::new(dir.to_path_buf());
+    let vm = VmProcess::new(dir.to_path_buf(), Lifetime::WithDaemon);
     let source = VmSource::Boot { kernel: &options.kernel, cmdline: GUEST_CMDLINE, memory_mib: options.memory_mib, vcpus: options.vcpus };
     vm.start(&options.launcher, &vmm_config(&options.rootfs, &source), None)?;
     let written = vm.jail_dir().join("template");
@@ -215,7 +215,7 @@ async fn boot_and_snapshot(options: &BuildOptions, dir: &Path, snapshot: &Path, 
 /// sandbox is first used (agent hello, clock and entropy refresh, one
 /// exec), and saves the order of the pages that took next to it.
 async fn record_working_set(options: &BuildOptions, dir: &Path, snapshot: &Path) -> Result<u64, TemplateError> {
-    let vm = VmProcess::new(dir.to_path_buf());
+    let vm = VmProcess::new(dir.to_path_buf(), Lifetime::WithDaemon);
     let source = VmSource::Restore { snapshot, memory: RestoreMemory::Uffd, working_set: None, record: true };
     vm.start(&options.launcher, &vmm_config(&options.rootfs, &source), None)?;
     let written = vm.jail_dir().join(WORKING_SET);

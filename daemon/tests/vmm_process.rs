@@ -30,7 +30,7 @@ use sandboxd::backend::{
     microvm::{
         uid_slots::{FIRST_UID, SLOTS},
         vm_dir,
-        vmm_process::{vmm_config, RestoreMemory, VmProcess, VmProcessError, VmSource},
+        vmm_process::{vmm_config, Lifetime, RestoreMemory, VmProcess, VmProcessError, VmSource},
     },
 };
 
@@ -336,7 +336,7 @@ fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_
     let dir = jailed_test_dir("identity");
     let (kernel, base) = (support::build_payload(BODY), dir.join("base.img"));
     let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
-    let (first, second) = (VmProcess::new(dir.join("first")), VmProcess::new(dir.join("second")));
+    let (first, second) = (VmProcess::new(dir.join("first"), Lifetime::WithDaemon), VmProcess::new(dir.join("second"), Lifetime::WithDaemon));
     // A descriptor the daemon leaks (not close-on-exec) must not reach a VMM.
     let leaked = dir.join("leaked");
     std::fs::write(&leaked, "a host file").unwrap();
@@ -444,7 +444,7 @@ fn jailed_vmms_run_as_their_own_uids_in_their_own_namespaces_and_see_only_their_
         "serial_log": "/serial.log",
         "control_socket": "/control.sock",
     });
-    let refused = VmProcess::new(dir.join("unbound"));
+    let refused = VmProcess::new(dir.join("unbound"), Lifetime::WithDaemon);
     refused.start(launcher(), &unbound, None).unwrap();
     wait_for_exit(&refused);
     let log = std::fs::read_to_string(dir.join("unbound").join("vmm.log")).unwrap();
@@ -464,7 +464,7 @@ fn a_vmm_that_stops_answering_is_killed_and_one_that_does_not_die_is_reported_wi
     let (kernel, base) = (support::build_payload(BODY), dir.join("base.img"));
     let limits = Limits { memory_bytes: 256 << 20, cpu_millis: 1000, max_pids: 64 };
     let group = Cgroup::create(flavor, &format!("vmm-stuck-test-{}", std::process::id()), &limits).unwrap();
-    let vm = VmProcess::new(dir.join("vm"));
+    let vm = VmProcess::new(dir.join("vm"), Lifetime::WithDaemon);
     let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
     start_and_wait_for_console(&vm, &vmm_config(&base, &boot), Some(&group));
     let pid = vm.pid().unwrap();
@@ -487,5 +487,75 @@ fn a_vmm_that_stops_answering_is_killed_and_one_that_does_not_die_is_reported_wi
     }
     vm.stop().unwrap();
     group.remove().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Field `index` (1-based, as in proc(5)) of /proc/PID/stat.
+fn stat_field(pid: u32, index: usize) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_command = &stat[stat.rfind(')').unwrap() + 1..];
+    after_command.split_whitespace().nth(index - 3).unwrap().to_string()
+}
+
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|_| stat_field(pid, 3) != "Z")
+}
+
+#[test]
+fn a_sandbox_vmm_outlives_the_daemon_and_is_reattached_only_as_the_very_process_it_was() {
+    let dir = jailed_test_dir("reattach");
+    let (kernel, base) = (support::build_payload(BODY), dir.join("base.img"));
+    let boot = VmSource::Boot { kernel: &kernel, cmdline: "", memory_mib: 32, vcpus: 1 };
+    let vm_dir = dir.join("vm");
+    let vm = VmProcess::new(vm_dir.clone(), Lifetime::OutlivesDaemon);
+    start_and_wait_for_console(&vm, &vmm_config(&base, &boot), None);
+    let pid = vm.pid().unwrap();
+    vm.simple("stats").unwrap();
+    assert_eq!(stat_field(pid, 6), pid.to_string(), "the VMM leads a session of its own");
+    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(vm_dir.join("vmm.process")).unwrap()).unwrap();
+
+    // The daemon lets go of it (as at a stop with --on-stop keep, or a
+    // kill -9): nothing ties the VMM to it, and its guest runs on.
+    vm.release();
+    drop(vm);
+    let serial = vm_dir.join("jail").join("serial.log");
+    let printed = std::fs::metadata(&serial).unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&serial).unwrap().len() <= printed {
+        assert!(is_running(pid), "the released VMM died");
+        assert!(Instant::now() < deadline, "the released VMM's guest stopped printing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A restarted daemon finds the very process again and controls it.
+    let again = VmProcess::reattach(vm_dir.clone()).unwrap();
+    assert_eq!(again.pid(), Some(pid));
+    assert!(again.is_alive());
+    again.simple("pause").unwrap();
+    again.simple("resume").unwrap();
+    let owner = std::fs::metadata(again.jail_dir()).unwrap();
+    again.stop().unwrap();
+    assert!(!is_running(pid), "the re-attached VMM was ended");
+    assert!(!vm_dir.join("vmm.process").exists(), "an ended VMM's identity file is removed");
+    let after = std::fs::metadata(again.jail_dir()).unwrap();
+    assert_eq!((owner.uid(), after.uid()), (identity["uid"].as_u64().unwrap() as u32, 0), "its jail is root's again");
+    drop(again);
+    assert!(VmProcess::reattach(vm_dir.clone()).unwrap().pid().is_none(), "no VMM runs once it is gone");
+
+    // An identity naming another process is never taken for the VMM:
+    // under the VMM's pid and start time, but another boot...
+    let mut stale = identity.clone();
+    stale["process"]["boot_id"] = "another boot".into();
+    std::fs::write(vm_dir.join("vmm.process"), stale.to_string()).unwrap();
+    assert!(VmProcess::reattach(vm_dir.clone()).unwrap().pid().is_none(), "a VMM of another boot is not re-attached");
+    assert!(!vm_dir.join("vmm.process").exists(), "a stale identity file is removed");
+    // ... or a live process (this one) that is not of the VMM's uid.
+    let me = std::process::id();
+    let mut foreign = identity;
+    foreign["process"]["pid"] = me.into();
+    foreign["process"]["started"] = stat_field(me, 22).parse::<u64>().unwrap().into();
+    std::fs::write(vm_dir.join("vmm.process"), foreign.to_string()).unwrap();
+    let error = VmProcess::reattach(vm_dir.clone()).err().expect("a process of another uid is refused");
+    assert!(matches!(error, VmProcessError::ForeignProcess { .. }), "{error}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -12,6 +12,7 @@ use std::{
 use sandbox_proto::api::{
     exec_event::Event, files_client::FilesClient, processes_client::ProcessesClient,
     sandboxes_client::SandboxesClient, CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, Limits,
+    ListSandboxesRequest, Sandbox,
 };
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
@@ -141,6 +142,12 @@ impl Daemon {
     /// Stops the daemon with SIGTERM (its graceful stop), waits for it to
     /// exit, and starts it again on the same state directory and port.
     pub async fn terminate_and_restart(&mut self, timeout: Duration) {
+        self.terminate(timeout).await;
+        self.start_again(timeout).await;
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it to exit.
+    pub async fn terminate(&mut self, timeout: Duration) {
         // SAFETY: kill(2) on our own child's pid has no memory effects.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + timeout;
@@ -148,8 +155,19 @@ impl Daemon {
             assert!(Instant::now() < deadline, "sandboxd did not stop within {timeout:?} of SIGTERM");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts the stopped daemon again on the same state directory and port.
+    pub async fn start_again(&mut self, timeout: Duration) {
         self.child = self.launch.spawn();
         self.wait_until_serving(timeout).await;
+    }
+
+    /// What the daemon's next start does at a graceful stop (`--on-stop`).
+    pub fn set_on_stop(&mut self, on_stop: &str) {
+        let args = &mut self.launch.args;
+        let flag = args.iter().position(|arg| arg == "--on-stop").expect("the daemon is started with --on-stop");
+        args[flag + 1] = on_stop.into();
     }
 
     async fn wait_until_serving(&self, timeout: Duration) {
@@ -292,6 +310,27 @@ impl Clients {
         Ok(output)
     }
 
+    /// Every sandbox of this key, by id.
+    pub async fn list_by_id(&mut self) -> std::collections::BTreeMap<String, Sandbox> {
+        let listed = self.sandboxes.list(ListSandboxesRequest {}).await.expect("List").into_inner();
+        listed.sandboxes.into_iter().map(|sandbox| (sandbox.id.clone(), sandbox)).collect()
+    }
+
+    /// Waits until the file `/home/user/count` that [`COUNTER`] writes in
+    /// the sandbox reads more than `floor`; returns what it read.
+    pub async fn wait_for_count_above(&mut self, id: &str, floor: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.sh(id, "cat /home/user/count 2>/dev/null || echo 0").await;
+            let count: u64 = text.trim().parse().unwrap_or(0);
+            if count > floor {
+                return count;
+            }
+            assert!(Instant::now() < deadline, "the counter of {id} stays at {count} (wanted more than {floor})");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Runs a shell command and returns its stdout as text, asserting it exited 0.
     pub async fn sh(&mut self, sandbox: &str, script: &str) -> String {
         let output = self.exec(sandbox, &["sh", "-c", script]).await.expect("Exec");
@@ -299,6 +338,29 @@ impl Clients {
         output.stdout_text()
     }
 }
+
+/// The names of the directories in `dir` (none if it does not exist).
+pub fn dir_names(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect()
+}
+
+/// A field of /proc/PID/status (such as `State` or `Uid`), empty if the
+/// process is gone.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':')).unwrap_or_default().trim().to_string()
+}
+
+/// A shell command that starts a process which outlives its Exec and
+/// writes a rising counter to `/home/user/count` five times a second.
+pub const COUNTER: &str =
+    r#"nohup sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /home/user/count; sleep 0.2; done" >/dev/null 2>&1 &"#;
 
 /// Everything a finished process sent.
 #[derive(Default, Debug)]

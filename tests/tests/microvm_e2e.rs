@@ -1,21 +1,26 @@
 //! The full Linux-guest suite on the microvm backend: a cold boot to the
 //! agent's hello over vsock with exec, a PTY and files; `sandboxd template
 //! build`; sandboxes restored from a template snapshot (cold and from the
-//! warm pool) that serve exec and never share RNG state; and Pause to disk
-//! and Resume with files and processes intact. It needs a host with
+//! warm pool) that serve exec and never share RNG state; Pause to disk
+//! and Resume with files and processes intact; and no sandbox lost when
+//! the daemon is killed or stopped and started again. It needs a host with
 //! hardware virtualization (VT-x/AMD-V; on PVM hosts guest ring 0 is
 //! emulated and Linux cannot boot), so it runs only with SANDBOXD_E2E_KVM=1,
 //! SANDBOXD_KERNEL_DIR (kernel-config/build.sh) and SANDBOXD_GUEST_IMAGE_DIR
 //! (scripts/guest-image.sh). See README.md, "Linux guests".
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use sandbox_proto::api::{
     connect_request::Input, exec_event::Event, upload_request::Part, ConnectRequest, ConnectStart, CreateSandboxRequest,
     DeleteSandboxRequest, DownloadRequest, ExecRequest, Limits, PauseSandboxRequest, PtySize, ResumeSandboxRequest,
-    SandboxState, UploadHeader, UploadRequest,
+    Sandbox, SandboxState, UploadHeader, UploadRequest,
 };
-use sandboxd_tests::{binary, print_vm_logs, Clients, Daemon, DaemonOptions, Watchdog};
+use sandboxd_tests::{binary, dir_names, print_vm_logs, proc_status, Clients, Daemon, DaemonOptions, Watchdog, COUNTER};
 
 /// Guest memory of every sandbox here (a template snapshot writes it out).
 const MEMORY_MIB: u32 = 128;
@@ -227,6 +232,268 @@ async fn restored_sandboxes_differ_in_rng_and_survive_pause_to_disk() {
     assert_eq!(api.sh(&pooled, "echo untouched").await, "untouched\n", "the other sandbox is unaffected");
     for id in [pooled, cold] {
         api.sandboxes.delete(DeleteSandboxRequest { id }).await.unwrap();
+    }
+}
+
+/// How long a restarted daemon has to serve again (it reuses its template).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+/// The VMMs' uids (uid_slots::FIRST_UID and SLOTS).
+const VMM_UIDS: std::ops::Range<u32> = 2_000_000..2_065_536;
+
+/// Restart tests (issue 9): with a running sandbox whose background
+/// process counts, a sandbox paused to disk and a full warm pool, the
+/// daemon is killed with SIGKILL and started again.
+#[tokio::test(flavor = "multi_thread")]
+async fn microvm_sandboxes_survive_a_killed_daemon() {
+    let Some(images) = images() else { return };
+    let _deadline = arm_deadline("microvm_sandboxes_survive_a_killed_daemon", test_deadline());
+    let mut daemon = Daemon::start(restart_options(&images, "keep")).await;
+    let _reaper = KillVmmsOnPanic(vm_root(&daemon));
+    let mut api = daemon.clients(None).await;
+    let scene = Scene::set_up(&daemon, &mut api).await;
+    let started = Instant::now();
+    daemon.kill_and_restart(RESTART_TIMEOUT).await;
+    eprintln!("microVM daemon killed and serving again: {:?}", started.elapsed());
+    let mut api = daemon.clients(None).await;
+    scene.check_kept(&daemon, &mut api, "kill -9").await;
+    assert_eq!(daemon.metric("sandboxd_sandboxes_readopted_total{outcome=\"adopted\"}"), Some(2.0));
+    scene.delete(&mut api).await;
+}
+
+/// The same after graceful stops: `--on-stop keep` leaves the running
+/// sandbox running, then `--on-stop suspend` pauses it to disk and no VMM
+/// runs while the daemon is away; the next start, as after a host reboot
+/// (no VMM left, the cgroups gone), brings both back from disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn microvm_sandboxes_survive_graceful_stops_with_keep_and_with_suspend() {
+    let Some(images) = images() else { return };
+    let _deadline = arm_deadline("microvm_sandboxes_survive_graceful_stops_with_keep_and_with_suspend", test_deadline());
+    let mut daemon = Daemon::start(restart_options(&images, "keep")).await;
+    let _reaper = KillVmmsOnPanic(vm_root(&daemon));
+    let mut api = daemon.clients(None).await;
+    let scene = Scene::set_up(&daemon, &mut api).await;
+    // The next run stops with suspend.
+    daemon.set_on_stop("suspend");
+    daemon.terminate_and_restart(RESTART_TIMEOUT).await;
+    let mut api = daemon.clients(None).await;
+    scene.check_kept(&daemon, &mut api, "a stop with --on-stop keep").await;
+
+    api.sandboxes.pause(PauseSandboxRequest { id: scene.paused.clone() }).await.expect("Pause again");
+    let counted = api.wait_for_count_above(&scene.counting, 0).await;
+    let started = Instant::now();
+    daemon.terminate(RESTART_TIMEOUT).await;
+    eprintln!("microVM daemon stopped with --on-stop suspend: {:?}", started.elapsed());
+    assert_eq!(live_vmm_pids(), BTreeSet::new(), "no VMM runs once the daemon stopped with --on-stop suspend");
+    for id in [&scene.counting, &scene.paused] {
+        assert!(vm_root(&daemon).join(id).join("suspended").join("memory").is_file(), "{id} is on disk");
+    }
+    remove_vmm_cgroups(&vm_root(&daemon));
+    daemon.start_again(RESTART_TIMEOUT).await;
+
+    let mut api = daemon.clients(None).await;
+    let after = api.list_by_id().await;
+    assert_eq!(after.keys().collect::<Vec<_>>(), scene.before.keys().collect::<Vec<_>>(), "the same sandboxes after the suspend");
+    for (id, sandbox) in &after {
+        assert_eq!(sandbox.state, SandboxState::Paused as i32, "{id} was paused to disk at the stop");
+        assert_same_sandbox(sandbox, &scene.before[id]);
+    }
+    for id in [&scene.counting, &scene.paused] {
+        let started = Instant::now();
+        api.sandboxes.resume(ResumeSandboxRequest { id: id.clone() }).await.expect("Resume after the suspend");
+        eprintln!("microVM Resume from disk after a restart: {:?}", started.elapsed());
+    }
+    api.wait_for_count_above(&scene.counting, counted).await;
+    assert_eq!(api.sh(&scene.paused, "cat /home/user/file").await, "kept\n");
+    assert_nothing_orphaned(&daemon, &after).await;
+    scene.delete(&mut api).await;
+}
+
+fn restart_options(images: &Images, on_stop: &str) -> DaemonOptions {
+    microvm_options(images, 1, &["--pool-max".into(), "1".into(), "--on-stop".into(), on_stop.into()])
+}
+
+/// What a restart test sets up before the daemon goes: a sandbox counting
+/// in the background, one paused to disk with a file, and a full pool.
+struct Scene {
+    counting: String,
+    paused: String,
+    /// The counting sandbox's VMM.
+    counting_vmm: u32,
+    /// What the counter read just before the restart.
+    counted: u64,
+    before: BTreeMap<String, Sandbox>,
+    /// The pooled guests and their VMMs.
+    pooled: BTreeSet<String>,
+    pooled_vmms: Vec<u32>,
+}
+
+impl Scene {
+    async fn set_up(daemon: &Daemon, api: &mut Clients) -> Scene {
+        wait_for_full_pool(daemon).await;
+        let counting = create_with_role(api, "counter").await;
+        let paused = create_with_role(api, "paused").await;
+        api.sh(&counting, COUNTER).await;
+        api.sh(&paused, "echo kept > /home/user/file").await;
+        api.sandboxes.pause(PauseSandboxRequest { id: paused.clone() }).await.expect("Pause");
+        wait_for_full_pool(daemon).await;
+        let counted = api.wait_for_count_above(&counting, 0).await;
+        let before = api.list_by_id().await;
+        let pooled: BTreeSet<String> = dir_names(&vm_root(daemon)).into_iter().filter(|id| !before.contains_key(id)).collect();
+        assert_eq!(pooled.len(), 1, "the pool's guest before the restart");
+        let pooled_vmms: Vec<u32> = pooled.iter().flat_map(|id| vmm_pids(id)).collect();
+        assert!(!pooled_vmms.is_empty(), "the pooled guest has a VMM");
+        let counting_vmm = *vmm_pids(&counting).first().expect("the counting sandbox has a VMM");
+        assert_eq!(vmm_pids(&paused), Vec::<u32>::new(), "a sandbox paused to disk has no VMM");
+        Scene { counting, paused, counting_vmm, counted, before, pooled, pooled_vmms }
+    }
+
+    /// After a restart that kept the sandboxes: the same sandboxes, the
+    /// counting one still on the same VMM and counting, the paused one
+    /// paused until it resumes with its file, the old pool gone and a new
+    /// one filled, and no VMM or VM directory that is neither.
+    async fn check_kept(&self, daemon: &Daemon, api: &mut Clients, restart: &str) {
+        let after = api.list_by_id().await;
+        assert_eq!(after.keys().collect::<Vec<_>>(), self.before.keys().collect::<Vec<_>>(), "the same sandboxes after {restart}");
+        for (id, sandbox) in &after {
+            assert_eq!(sandbox.state, self.before[id].state, "{id}'s state after {restart}");
+            assert_same_sandbox(sandbox, &self.before[id]);
+        }
+        assert_eq!(vmm_pids(&self.counting), vec![self.counting_vmm], "the counting sandbox runs on in the same VMM");
+        api.wait_for_count_above(&self.counting, self.counted).await;
+        let status = api.exec(&self.paused, &["true"]).await.expect_err("a paused sandbox refuses Exec");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        api.sandboxes.resume(ResumeSandboxRequest { id: self.paused.clone() }).await.expect("Resume after the restart");
+        assert_eq!(api.sh(&self.paused, "cat /home/user/file").await, "kept\n");
+        wait_for_full_pool(daemon).await;
+        assert!(!self.pooled_vmms.iter().any(|&pid| is_running(pid)), "the old pool's VMMs are left: {:?}", self.pooled_vmms);
+        let dirs = dir_names(&vm_root(daemon));
+        assert!(self.pooled.iter().all(|id| !dirs.contains(id)), "the old pool's directories are left: {:?}", self.pooled);
+        assert_nothing_orphaned(daemon, &after).await;
+    }
+
+    async fn delete(&self, api: &mut Clients) {
+        for id in [&self.counting, &self.paused] {
+            api.sandboxes.delete(DeleteSandboxRequest { id: id.clone() }).await.expect("Delete");
+        }
+    }
+}
+
+fn assert_same_sandbox(after: &Sandbox, before: &Sandbox) {
+    assert_eq!(after.metadata, before.metadata, "{}'s metadata", before.id);
+    assert_eq!(after.limits, before.limits, "{}'s limits", before.id);
+    assert_eq!((after.created_at_unix_ms, after.expires_at_unix_ms), (before.created_at_unix_ms, before.expires_at_unix_ms), "{}'s lifetime", before.id);
+}
+
+/// Every VM directory is a sandbox or the pool's one guest, and every live
+/// VMM (any process of a VMM uid) is in the cgroup of one of them.
+async fn assert_nothing_orphaned(daemon: &Daemon, sandboxes: &BTreeMap<String, Sandbox>) {
+    wait_for_full_pool(daemon).await;
+    let dirs = dir_names(&vm_root(daemon));
+    let unknown: Vec<_> = dirs.iter().filter(|id| !sandboxes.contains_key(*id)).collect();
+    assert_eq!(unknown.len(), 1, "every VM directory is a sandbox or the pool's guest: {unknown:?}");
+    let accounted: BTreeSet<u32> = dirs.iter().flat_map(|id| vmm_pids(id)).collect();
+    let orphans: Vec<u32> = live_vmm_pids().difference(&accounted).copied().collect();
+    assert!(orphans.is_empty(), "VMMs that belong to no VM directory: {orphans:?}");
+}
+
+async fn create_with_role(api: &mut Clients, role: &str) -> String {
+    let request = CreateSandboxRequest { metadata: [("role".to_string(), role.to_string())].into(), ..Default::default() };
+    api.sandboxes.create(request).await.expect("Create").into_inner().id
+}
+
+async fn wait_for_full_pool(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while daemon.metric("sandboxd_pool_ready{template=\"default\"}") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the warm pool never filled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn vm_root(daemon: &Daemon) -> PathBuf {
+    daemon.state_dir.join("microvms")
+}
+
+/// The cgroup directories of microVM `id`: one on cgroup v2, one per
+/// controller on v1 (under `sandboxd/microvms-<scope>`).
+fn vmm_cgroups(id: &str) -> Vec<PathBuf> {
+    let roots = ["/sys/fs/cgroup/sandboxd", "/sys/fs/cgroup/memory/sandboxd", "/sys/fs/cgroup/cpu/sandboxd", "/sys/fs/cgroup/pids/sandboxd", "/sys/fs/cgroup/freezer/sandboxd"];
+    roots
+        .iter()
+        .flat_map(|root| std::fs::read_dir(root).into_iter().flatten().flatten())
+        .filter(|group| group.file_name().to_string_lossy().starts_with("microvms-"))
+        .map(|group| group.path().join(id))
+        .filter(|dir| dir.is_dir())
+        .collect()
+}
+
+/// The VMMs in microVM `id`'s cgroup (KVM's kernel workers of its VM
+/// join it too, as root's).
+fn vmm_pids(id: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = vmm_cgroups(id)
+        .iter()
+        .flat_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect::<Vec<_>>())
+        .filter(|&pid| is_vmm(pid))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Every live (not zombie) process whose real uid is a VMM's.
+fn live_vmm_pids() -> BTreeSet<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| is_vmm(pid))
+        .collect()
+}
+
+/// Whether `pid` is a live process of a VMM's uid.
+fn is_vmm(pid: u32) -> bool {
+    let uid = proc_status(pid, "Uid").split_whitespace().next().and_then(|uid| uid.parse().ok());
+    is_running(pid) && uid.is_some_and(|uid| VMM_UIDS.contains(&uid))
+}
+
+fn is_running(pid: u32) -> bool {
+    let state = proc_status(pid, "State");
+    !state.is_empty() && !state.starts_with('Z')
+}
+
+/// Removes the (empty) cgroups of the VMMs of the VM directories under
+/// `vm_root`, as a host reboot does.
+fn remove_vmm_cgroups(vm_root: &Path) {
+    for id in dir_names(vm_root) {
+        for dir in vmm_cgroups(&id) {
+            // KVM's workers of a VM that just ended may still be leaving it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Err(error) = std::fs::remove_dir(&dir) {
+                assert!(Instant::now() < deadline, "remove {}: {error}", dir.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // The group goes too once it is empty.
+            let _ = dir.parent().map(std::fs::remove_dir);
+        }
+    }
+}
+
+/// A failed restart test must not leave VMMs that a daemon with
+/// `--on-stop keep` lets run on: kills them (through their cgroups) when
+/// dropped while panicking, before the daemon is stopped.
+struct KillVmmsOnPanic(PathBuf);
+
+impl Drop for KillVmmsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for id in dir_names(&self.0) {
+            for pid in vmm_pids(&id) {
+                // SAFETY: kill(2) has no memory effects.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
     }
 }
 

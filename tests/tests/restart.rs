@@ -10,24 +10,21 @@
 //! death is reattached afterwards with all its output.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use sandbox_proto::api::{
-    exec_event::Event, AttachRequest, CreateSandboxRequest, ExecRequest, DeleteSandboxRequest, GetSandboxRequest, ListSandboxesRequest, PauseSandboxRequest,
-    ResumeSandboxRequest, Sandbox, SandboxState,
+    exec_event::Event, AttachRequest, CreateSandboxRequest, ExecRequest, DeleteSandboxRequest, GetSandboxRequest, PauseSandboxRequest,
+    ResumeSandboxRequest, SandboxState,
 };
-use sandboxd_tests::{Clients, Daemon, DaemonOptions, Output};
+use sandboxd_tests::{dir_names, proc_status, Clients, Daemon, DaemonOptions, Output, COUNTER};
 use tonic::Code;
 
 const READY: &str = "sandboxd_pool_ready{template=\"default\"}";
 const POOL_SIZE: usize = 2;
 const DEADLINE: Duration = Duration::from_secs(60);
-/// Starts a process that outlives its Exec and writes a rising counter.
-const COUNTER: &str =
-    r#"nohup sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /home/user/count; sleep 0.2; done" >/dev/null 2>&1 &"#;
 
 #[derive(Clone, Copy, Debug)]
 enum Restart {
@@ -156,8 +153,8 @@ async fn survives(restart: Restart) {
     api.sh(&counting, COUNTER).await;
     api.sh(&paused, "echo kept > /home/user/file").await;
     api.sandboxes.pause(PauseSandboxRequest { id: paused.clone() }).await.expect("Pause");
-    let counted = wait_for_count_above(&mut api, &counting, 0).await;
-    let before = list(&mut api).await;
+    let counted = api.wait_for_count_above(&counting, 0).await;
+    let before = api.list_by_id().await;
     wait_for_pool(&daemon).await;
     let pooled: BTreeSet<String> = jail_dirs(&daemon).into_iter().filter(|id| !before.contains_key(id)).collect();
     assert_eq!(pooled.len(), POOL_SIZE, "the pool's jails before the restart");
@@ -176,7 +173,7 @@ async fn survives(restart: Restart) {
     }
 
     let mut api = daemon.clients(None).await;
-    let after = list(&mut api).await;
+    let after = api.list_by_id().await;
     assert_eq!(after.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>(), "the same sandboxes after {restart:?}");
     for (id, sandbox) in &after {
         let earlier = &before[id];
@@ -187,7 +184,7 @@ async fn survives(restart: Restart) {
     }
     let got = api.sandboxes.get(GetSandboxRequest { id: counting.clone() }).await.expect("Get").into_inner();
     assert_eq!(got.metadata["role"], "counter");
-    wait_for_count_above(&mut api, &counting, counted).await;
+    api.wait_for_count_above(&counting, counted).await;
 
     assert!(is_frozen(&paused), "the paused sandbox is frozen after the restart, as the registry says");
     let status = api.exec(&paused, &["true"]).await.expect_err("a paused sandbox refuses Exec");
@@ -196,7 +193,7 @@ async fn survives(restart: Restart) {
     assert_eq!(api.sh(&paused, "cat /home/user/file").await, "kept\n");
 
     wait_for_pool(&daemon).await;
-    let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists() && !proc_state(*pid).starts_with('Z');
+    let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists() && !proc_status(*pid, "State").starts_with('Z');
     assert!(!pooled_pids.iter().any(alive), "processes of the old pool's jails are left: {pooled_pids:?}");
     let jails = jail_dirs(&daemon);
     for id in &pooled {
@@ -225,7 +222,7 @@ impl Drop for KillJailsOnPanic {
         if !std::thread::panicking() {
             return;
         }
-        for id in names_in(&self.0) {
+        for id in dir_names(&self.0) {
             let dirs: Vec<PathBuf> = ["memory", "cpu", "pids", "freezer"]
                 .iter()
                 .map(|controller| format!("/sys/fs/cgroup/{controller}/sandboxd"))
@@ -262,25 +259,6 @@ async fn create(api: &mut Clients, role: &str) -> String {
     api.sandboxes.create(request).await.expect("Create").into_inner().id
 }
 
-async fn list(api: &mut Clients) -> BTreeMap<String, Sandbox> {
-    let listed = api.sandboxes.list(ListSandboxesRequest {}).await.expect("List").into_inner();
-    listed.sandboxes.into_iter().map(|sandbox| (sandbox.id.clone(), sandbox)).collect()
-}
-
-/// Waits until the sandbox's counter file reads more than `floor`; returns it.
-async fn wait_for_count_above(api: &mut Clients, id: &str, floor: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = api.sh(id, "cat /home/user/count 2>/dev/null || echo 0").await;
-        let count: u64 = text.trim().parse().unwrap_or(0);
-        if count > floor {
-            return count;
-        }
-        assert!(Instant::now() < deadline, "the counter of {id} stays at {count} (wanted more than {floor})");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn wait_for_pool(daemon: &Daemon) {
     let deadline = Instant::now() + DEADLINE;
     while daemon.metric(READY) != Some(POOL_SIZE as f64) {
@@ -294,17 +272,7 @@ fn jails_dir(daemon: &Daemon) -> PathBuf {
 }
 
 fn jail_dirs(daemon: &Daemon) -> BTreeSet<String> {
-    names_in(&jails_dir(daemon))
-}
-
-fn names_in(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .collect()
+    dir_names(&jails_dir(daemon))
 }
 
 /// The group directories jail cgroups live in (v1 pids controller, or v2).
@@ -325,7 +293,7 @@ fn cgroup_dir(id: &str) -> Option<PathBuf> {
 /// `jails`; other daemons' jails live in other groups).
 fn jail_cgroups(jails: &BTreeSet<String>) -> BTreeSet<String> {
     let ours = cgroup_groups().into_iter().find(|group| jails.iter().any(|id| group.join(id).is_dir()));
-    ours.map(|group| names_in(&group)).unwrap_or_default()
+    ours.map(|group| dir_names(&group)).unwrap_or_default()
 }
 
 /// The jail's freezer file and the values for frozen and thawed (cgroup
@@ -356,9 +324,4 @@ fn set_frozen(id: &str, frozen: bool) {
 fn cgroup_pids(id: &str) -> Vec<u32> {
     let Some(dir) = cgroup_dir(id) else { return Vec::new() };
     std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|line| line.parse().ok()).collect()
-}
-
-fn proc_state(pid: u32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|line| line.strip_prefix("State:")).unwrap_or_default().trim().to_string()
 }

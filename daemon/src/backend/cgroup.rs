@@ -117,6 +117,11 @@ impl Cgroup {
     /// The cgroups directly under `sandboxd/<group>` in any controller (for
     /// reaping what an earlier run left).
     pub fn children(flavor: CgroupFlavor, group: &str) -> Vec<Self> {
+        Self::child_names(flavor, group).iter().map(|name| Self::at(flavor, &format!("{group}/{name}"))).collect()
+    }
+
+    /// The names of the cgroups directly under `sandboxd/<group>` in any controller.
+    pub fn child_names(flavor: CgroupFlavor, group: &str) -> Vec<String> {
         let mut names: Vec<String> = Self::at(flavor, group)
             .dirs
             .iter()
@@ -128,7 +133,7 @@ impl Cgroup {
             .collect();
         names.sort_unstable();
         names.dedup();
-        names.iter().map(|name| Self::at(flavor, &format!("{group}/{name}"))).collect()
+        names
     }
 
     fn controller(&self, name: &str) -> &Path {

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod jail;
 pub mod microvm;
+pub mod process_identity;
 
 use std::{
     collections::HashSet,
@@ -184,6 +185,14 @@ pub fn last_lines(text: &str, count: usize) -> String {
     let mut last: Vec<_> = text.lines().rev().take(count).collect();
     last.reverse();
     last.join(" | ")
+}
+
+/// A short name for this daemon's state directory, so that daemons with
+/// different state directories never reap each other's guests.
+pub fn daemon_scope(state_dir: &Path) -> String {
+    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(canonical.as_os_str().as_encoded_bytes());
+    digest.iter().take(6).map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// The `--backend` flag.

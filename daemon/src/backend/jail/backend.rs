@@ -15,7 +15,6 @@ use std::{
 
 use nix::mount::{umount2, MntFlags, MsFlags};
 use sandbox_proto::agent::agent_client::AgentClient;
-use sha2::Digest;
 use tonic::transport::Channel;
 
 use super::{host_support, loopdev, private_dir, reap_leftovers, CgroupFlavor, IdLeases, Jail, JailError, JailLimits, JailRecord, JailSpec};
@@ -56,7 +55,7 @@ impl JailBackend {
             .map_err(|e| JailError::Setup(format!("cannot find the sandboxd binary to launch jails: {e}")))?;
         let jails_dir = state_dir.join("jails");
         private_dir(&jails_dir)?;
-        let cgroup_group = format!("jails-{}", daemon_scope(state_dir));
+        let cgroup_group = format!("jails-{}", crate::backend::daemon_scope(state_dir));
         let image = state_dir.join("images").join("jail-root");
         mount_image(&rootfs_image, &image)?;
         tracing::info!(cgroups = ?flavor, image = %rootfs_image.display(), "jail backend: user, mount, pid, network, ipc, uts and cgroup namespaces, a disk and a cgroup per sandbox, seccomp allow-list");
@@ -70,14 +69,6 @@ impl Drop for JailBackend {
     fn drop(&mut self) {
         Cgroup::at(self.flavor, &self.cgroup_group).remove_if_empty();
     }
-}
-
-/// A short name for this daemon's state directory, so that daemons with
-/// different state directories never reap each other's jails.
-fn daemon_scope(state_dir: &Path) -> String {
-    let canonical = fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    digest.iter().take(6).map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Mounts `image` (ext4) read-only at `target`, replacing an earlier

@@ -193,7 +193,7 @@ fn terminate_signals() -> SigSet {
 /// (128 + signal when killed).
 fn supervise(child: Pid, cgroup: &Cgroup, console_read: OwnedFd, terminate: SignalFd, console: &mut CappedLog) -> Result<i32, LaunchError> {
     // The child is ours and not reaped yet, so its pid cannot be reused.
-    let pidfd = super::pidfd_open(child.as_raw()).map_err(|e| sys("watch the jail's init")(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL))))?;
+    let pidfd = crate::backend::process_identity::open(child.as_raw()).map_err(|e| sys("watch the jail's init")(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL))))?;
     let mut output = File::from(console_read);
     let mut watched = [
         libc::pollfd { fd: terminate.as_raw_fd(), events: libc::POLLIN, revents: 0 },

@@ -27,7 +27,7 @@ use std::{
     collections::HashSet,
     fs,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, OwnedFd},
         unix::{fs::PermissionsExt, net::UnixListener, process::CommandExt},
     },
     path::{Path, PathBuf},
@@ -38,7 +38,7 @@ use std::{
 
 pub use backend::JailBackend;
 pub use super::cgroup::{CgroupFlavor, Limits as JailLimits};
-use super::cgroup::{self, Cgroup, CgroupError};
+use super::{cgroup::{self, Cgroup, CgroupError}, process_identity};
 use launcher::{LaunchConfig, AGENT_FD, CONFIG_ENV};
 
 /// How long a launcher has to exit once its jail is killed.
@@ -170,7 +170,7 @@ impl Launcher {
     fn has_exited(&mut self) -> bool {
         match self {
             Launcher::Child(child) => !matches!(child.try_wait(), Ok(None)),
-            Launcher::Adopted { pidfd, .. } => pidfd_has_exited(pidfd),
+            Launcher::Adopted { pidfd, .. } => process_identity::has_exited(pidfd),
         }
     }
 
@@ -190,33 +190,6 @@ impl Launcher {
             },
         }
     }
-}
-
-/// Whether the process behind `pidfd` has exited (without waiting).
-fn pidfd_has_exited(pidfd: &OwnedFd) -> bool {
-    let mut watched = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: poll on one live pollfd we own.
-    let ready = unsafe { libc::poll(&mut watched, 1, 0) };
-    ready > 0
-}
-
-/// Opens a pidfd on `pid`.
-pub(super) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open with plain integers.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh pidfd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// When process `pid` started (clock ticks after boot), if it exists.
-fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22; the command (field 2) may hold spaces but ends at the last ')'.
-    let after_command = &stat[stat.rfind(')')? + 1..];
-    after_command.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// A running jail. Dropping it destroys it, unless it was released to
@@ -320,13 +293,13 @@ impl Jail {
     pub fn adopt(record: &JailRecord, leases: &IdLeases) -> Result<Jail, JailError> {
         let flavor = cgroup::detect()?;
         let console = || console::tail(&record.state_dir.join("console.log"));
-        if process_start_time(record.launcher_pid) != Some(record.launcher_started) {
+        if process_identity::start_time(record.launcher_pid) != Some(record.launcher_started) {
             return Err(JailError::Gone(crate::backend::last_lines(&console(), 3)));
         }
-        let pidfd = pidfd_open(record.launcher_pid).map_err(|e| JailError::Adopt(format!("cannot watch its launcher {}: {e}", record.launcher_pid)))?;
+        let pidfd = process_identity::open(record.launcher_pid).map_err(|e| JailError::Adopt(format!("cannot watch its launcher {}: {e}", record.launcher_pid)))?;
         // The start time was read before the pidfd was opened: check again
         // that the pidfd is the launcher's and not a newcomer's.
-        if process_start_time(record.launcher_pid) != Some(record.launcher_started) || pidfd_has_exited(&pidfd) {
+        if process_identity::start_time(record.launcher_pid) != Some(record.launcher_started) || process_identity::has_exited(&pidfd) {
             return Err(JailError::Gone(crate::backend::last_lines(&console(), 3)));
         }
         if !record.state_dir.join("agent.sock").exists() {
@@ -349,7 +322,7 @@ impl Jail {
         JailRecord {
             id_slot: self.ids.slot,
             launcher_pid,
-            launcher_started: process_start_time(launcher_pid).unwrap_or_default(),
+            launcher_started: process_identity::start_time(launcher_pid).unwrap_or_default(),
             cgroup_name: self.cgroup_name.clone(),
             state_dir: self.state_dir.clone(),
         }
@@ -537,7 +510,7 @@ mod tests {
     #[test]
     fn a_reused_launcher_pid_is_never_adopted() {
         let me = std::process::id() as i32;
-        let started = process_start_time(me).expect("this process has a start time");
+        let started = process_identity::start_time(me).expect("this process has a start time");
         let leases = IdLeases::default();
         let stranger = Jail::adopt(&record_of(me, started + 1, PathBuf::from("/nonexistent")), &leases);
         assert!(matches!(stranger, Err(JailError::Gone(_))), "another process under the launcher's pid must read as gone");

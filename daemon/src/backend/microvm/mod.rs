@@ -6,6 +6,15 @@
 //! the VMM's vsock unix socket. Suspending a sandbox snapshots it to disk
 //! and ends its VMM; waking it restores that snapshot. Every VMM is jailed
 //! (see [`vmm_process`]).
+//!
+//! VMMs outlive the daemon. A restarted daemon re-adopts each sandbox of
+//! its registry from its directory (`STATE_DIR/microvms/<id>`, the
+//! daemon's alone) and cgroup (`sandboxd/microvms-<scope>/<id>`): a
+//! running one gets its VMM back (the very process, checked through its
+//! identity file and a pidfd) and its agent dialled again over vsock; a
+//! paused one is its snapshot on disk, which survives a host reboot too.
+//! Every VMM and directory the registry does not know (pooled guests,
+//! half-made ones) is killed and removed.
 
 pub mod uid_slots;
 pub mod vm_dir;
@@ -13,6 +22,7 @@ mod vmm_child;
 pub mod vmm_process;
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -28,8 +38,12 @@ use super::{
     cgroup::{self, Cgroup, CgroupFlavor, Limits},
     Backend, BackendError, BackendKind, Instance, LaunchSpec, ResourceLimits,
 };
-use crate::{metrics, template::{Template, GUEST_CMDLINE}};
-use vmm_process::{vmm_config, RestoreMemory, VmProcess, VmSource};
+use crate::{
+    agent_client::{self, AgentAddress},
+    metrics,
+    template::{Template, GUEST_CMDLINE},
+};
+use vmm_process::{vmm_config, Lifetime, RestoreMemory, VmProcess, VmSource, AGENT_PORT};
 
 /// How long a booting guest has to answer `Hello`.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,8 +51,12 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Memory the VMM process needs beyond guest RAM.
 const VMM_OVERHEAD_MIB: u64 = 64;
+/// How long a re-adopted running guest's agent has to answer `Hello`.
+const ADOPT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A suspended sandbox's snapshot, inside its directory.
 const SUSPENDED: &str = "suspended";
+/// The files every snapshot has.
+const SNAPSHOT_FILES: [&str; 2] = ["state", "memory"];
 
 /// The kernel and root image microVMs boot.
 #[derive(Clone, Debug)]
@@ -52,6 +70,8 @@ pub struct MicroVmBackend {
     launcher: PathBuf,
     images: GuestImages,
     cgroups: CgroupFlavor,
+    /// The cgroup group this daemon's VMMs live in (`microvms-<scope>`).
+    cgroup_group: String,
     /// What a Create without a template restores.
     default_template: Option<Template>,
     restore_memory: RestoreMemory,
@@ -78,7 +98,13 @@ impl MicroVmBackend {
         }
         let launcher = std::env::current_exe().map_err(|e| format!("cannot find the sandboxd binary: {e}"))?;
         let cgroups = cgroup::detect().map_err(|e| e.to_string())?;
-        Ok(Self { state_root, launcher, images, cgroups, default_template: None, restore_memory })
+        let cgroup_group = format!("microvms-{}", super::daemon_scope(&state_root));
+        Ok(Self { state_root, launcher, images, cgroups, cgroup_group, default_template: None, restore_memory })
+    }
+
+    /// The cgroup of sandbox `id`'s VMM.
+    fn cgroup_name(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup_group)
     }
 
     /// Builds (or reuses) the default template of this backend's images
@@ -123,6 +149,36 @@ impl MicroVmBackend {
     }
 }
 
+impl Drop for MicroVmBackend {
+    /// When the daemon ends with no VMMs left, its cgroup group goes too.
+    fn drop(&mut self) {
+        Cgroup::at(self.cgroups, &self.cgroup_group).remove_if_empty();
+    }
+}
+
+/// What a restarted daemon needs to re-adopt a microVM sandbox besides its
+/// id, from which its directory and cgroup follow (stored, as JSON, in the
+/// daemon's registry).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct MicroVmRecord {
+    /// The root image its disk overlays.
+    rootfs: PathBuf,
+    /// Its guest's shape, which its cgroup's limits follow.
+    memory_mib: u32,
+    vcpus: u32,
+}
+
+impl MicroVmRecord {
+    fn cgroup_limits(&self) -> Limits {
+        cgroup_limits(ResourceLimits { memory_mib: self.memory_mib, vcpus: self.vcpus, max_processes: 0, disk_mib: 0 })
+    }
+}
+
+/// Whether `id` can name a directory and a cgroup (letters, digits and dashes).
+fn is_plain_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 fn cgroup_limits(limits: ResourceLimits) -> Limits {
     Limits {
         memory_bytes: (u64::from(limits.memory_mib) + VMM_OVERHEAD_MIB) << 20,
@@ -153,16 +209,121 @@ impl Backend for MicroVmBackend {
         let dir = self.state_root.join(&spec.id);
         let plan = self.plan(&spec)?;
         std::fs::create_dir_all(&dir).map_err(|e| BackendError::Launch(format!("cannot create {}: {e}", dir.display())))?;
-        let cgroup = Cgroup::create(self.cgroups, &spec.id, &cgroup_limits(spec.limits))
+        let cgroup = Cgroup::create(self.cgroups, &self.cgroup_name(&spec.id), &cgroup_limits(spec.limits))
             .map_err(|e| launch_error("cannot create the VMM's cgroup")(e.to_string()))?;
-        let vm = Arc::new(MicroVm { process: VmProcess::new(dir), cgroup, launcher: self.launcher.clone(), destroyed: AtomicBool::new(false) });
+        let process = VmProcess::new(dir, Lifetime::OutlivesDaemon);
+        let vm = Arc::new(MicroVm { process, cgroup, launcher: self.launcher.clone(), done: AtomicBool::new(false) });
         match vm.run(&plan.config, plan.timeout, plan.restore_label).await {
-            Ok(agent) => Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), rootfs: plan.rootfs })),
+            Ok(agent) => {
+                let record = MicroVmRecord { rootfs: plan.rootfs, memory_mib: spec.limits.memory_mib, vcpus: spec.limits.vcpus };
+                Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), record }))
+            }
             Err(error) => {
                 let _ = blocking("destroy", move || vm.destroy()).await;
                 Err(error)
             }
         }
+    }
+
+    async fn adopt(&self, id: &str, record: &str, paused: bool) -> Result<Box<dyn Instance>, BackendError> {
+        let record: MicroVmRecord = serde_json::from_str(record)
+            .map_err(|error| BackendError::Adopt(format!("its microVM record is unreadable: {error}")))?;
+        if !is_plain_id(id) {
+            return Err(BackendError::Adopt(format!("its id {id:?} cannot name a directory")));
+        }
+        let (dir, flavor, cgroup_name, launcher) = (self.state_root.join(id), self.cgroups, self.cgroup_name(id), self.launcher.clone());
+        let limits = record.cgroup_limits();
+        let vm = tokio::task::spawn_blocking(move || reattach(dir, flavor, &cgroup_name, &limits, launcher))
+            .await
+            .map_err(|join| BackendError::Adopt(join.to_string()))??;
+        let vm = Arc::new(vm);
+        match settle(&vm, paused).await {
+            Ok(agent) => Ok(Box::new(MicroVmInstance { vm, agent: Mutex::new(agent), record })),
+            Err(error) => {
+                let _ = blocking("destroy", move || vm.destroy()).await;
+                Err(error)
+            }
+        }
+    }
+
+    fn reap_unknown(&self, keep: &HashSet<String>) {
+        let cgroups: Vec<String> = Cgroup::child_names(self.cgroups, &self.cgroup_group).into_iter().filter(|id| !keep.contains(id)).collect();
+        for id in &cgroups {
+            // Removing a VMM's cgroup kills it.
+            if let Err(error) = Cgroup::at(self.cgroups, &self.cgroup_name(id)).remove() {
+                tracing::warn!(%error, vm = %id, "cannot remove the cgroup of a VMM of an earlier run");
+            }
+        }
+        let mut dirs = 0;
+        for entry in std::fs::read_dir(&self.state_root).into_iter().flatten().flatten() {
+            if entry.file_name().to_str().is_some_and(|id| keep.contains(id)) {
+                continue;
+            }
+            reap_dir(entry.path());
+            dirs += 1;
+        }
+        ::metrics::counter!(metrics::GUESTS_REAPED, "backend" => "microvm").increment(dirs as u64);
+        if cgroups.len() + dirs > 0 {
+            tracing::warn!(cgroups = cgroups.len(), dirs, kept = keep.len(), "removed microVMs of an earlier run that the registry does not know (pooled or half-made ones)");
+        }
+    }
+}
+
+/// The sandbox in `dir` of an earlier run, with its VMM if one still runs
+/// there, and its cgroup (made again after a host reboot).
+fn reattach(dir: PathBuf, flavor: CgroupFlavor, cgroup_name: &str, limits: &Limits, launcher: PathBuf) -> Result<MicroVm, BackendError> {
+    if !dir.join(vm_dir::JAIL).is_dir() {
+        return Err(BackendError::Gone(format!("its directory {} is gone", dir.display())));
+    }
+    let process = VmProcess::reattach(dir).map_err(|error| BackendError::Adopt(error.to_string()))?;
+    let cgroup = Cgroup::create(flavor, cgroup_name, limits).map_err(|error| BackendError::Adopt(format!("cannot make its cgroup: {error}")))?;
+    Ok(MicroVm { process, cgroup, launcher, done: AtomicBool::new(false) })
+}
+
+/// Brings a re-adopted microVM to the state its registry row says (the
+/// registry has the last word) and returns a client of its agent. A
+/// running one that lost its VMM is gone; its VMM is resumed (a daemon
+/// that died during a snapshot left it paused) and its agent dialled. A
+/// paused one's VMM, left running by a daemon that died during a Resume,
+/// is ended; its snapshot on disk must be whole.
+async fn settle(vm: &Arc<MicroVm>, paused: bool) -> Result<AgentClient<Channel>, BackendError> {
+    let address = AgentAddress::Vsock { uds: vm.process.dir().join(vmm_process::VSOCK_SOCKET), port: AGENT_PORT };
+    if !paused {
+        if !vm.process.is_alive() {
+            return Err(BackendError::Gone(format!("its VMM exited while the daemon was away; {}", vm.process.diagnostics())));
+        }
+        let resumer = Arc::clone(vm);
+        blocking("resume", move || resumer.process.simple("resume").map(drop).map_err(|e| e.to_string())).await?;
+        return match agent_client::wait_for_hello(address.clone(), ADOPT_HELLO_TIMEOUT).await {
+            Ok(agent) => Ok(agent),
+            Err(error) => {
+                tracing::warn!(%error, vm = %vm.process.dir().display(), "a re-adopted microVM's agent does not answer yet; keeping the sandbox");
+                Ok(agent_client::client(agent_client::channel(address)))
+            }
+        };
+    }
+    if vm.process.is_alive() {
+        tracing::warn!(vm = %vm.process.dir().display(), "a paused sandbox's VMM runs (the daemon died during a Resume); ending it, the snapshot stays");
+        vm.stop().await;
+    }
+    let snapshot = vm.suspended_dir();
+    if let Some(missing) = SNAPSHOT_FILES.iter().find(|file| !snapshot.join(file).is_file()) {
+        return Err(BackendError::Gone(format!("its snapshot on disk lacks {missing}")));
+    }
+    // A paused agent answers once it is woken, which dials it again.
+    Ok(agent_client::client(agent_client::channel(address)))
+}
+
+/// Removes a VM directory of an earlier run, ending first the VMM its
+/// identity file names if it still runs (one whose cgroup is already gone).
+fn reap_dir(dir: PathBuf) {
+    match VmProcess::reattach(dir.clone()) {
+        // Dropping it ends its VMM, within seconds.
+        Ok(vm) => drop(vm),
+        Err(error) => tracing::warn!(%error, vm = %dir.display(), "not ending the process a leftover VM directory names"),
+    }
+    if let Err(error) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(%error, vm = %dir.display(), "cannot remove a VM directory of an earlier run");
     }
 }
 
@@ -207,7 +368,8 @@ struct MicroVm {
     process: VmProcess,
     cgroup: Cgroup,
     launcher: PathBuf,
-    destroyed: AtomicBool,
+    /// Destroyed, or released to outlive the daemon.
+    done: AtomicBool,
 }
 
 impl MicroVm {
@@ -247,7 +409,7 @@ impl MicroVm {
     /// Ends the VMM, then removes the cgroup and the sandbox's files (all
     /// three are tried; the first failure is returned).
     fn destroy(&self) -> Result<(), String> {
-        self.destroyed.store(true, Ordering::Relaxed);
+        self.done.store(true, Ordering::Relaxed);
         let stopped = self.process.stop().map_err(|e| e.to_string());
         let removed = self.cgroup.remove().map_err(|e| e.to_string());
         let deleted = match std::fs::remove_dir_all(self.process.dir()) {
@@ -255,6 +417,12 @@ impl MicroVm {
             _ => Ok(()),
         };
         stopped.and(removed).and(deleted)
+    }
+
+    /// Leaves the VMM (if any), cgroup and directory to outlive the daemon.
+    fn release(&self) {
+        self.done.store(true, Ordering::Relaxed);
+        self.process.release();
     }
 
     fn suspended_dir(&self) -> PathBuf {
@@ -297,7 +465,7 @@ impl Drop for MicroVm {
     /// A sandbox dropped without `destroy` (a Create whose client went
     /// away mid-launch) still leaves nothing behind.
     fn drop(&mut self) {
-        if !self.destroyed.load(Ordering::Relaxed) {
+        if !self.done.load(Ordering::Relaxed) {
             if let Err(error) = self.destroy() {
                 tracing::warn!(%error, vm = %self.process.dir().display(), "cannot clean up a microVM");
             }
@@ -308,8 +476,8 @@ impl Drop for MicroVm {
 struct MicroVmInstance {
     vm: Arc<MicroVm>,
     agent: Mutex<AgentClient<Channel>>,
-    /// The root image the VM's disk overlays.
-    rootfs: PathBuf,
+    /// What a restarted daemon needs to re-adopt it (its root image among it).
+    record: MicroVmRecord,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -349,7 +517,7 @@ impl Instance for MicroVmInstance {
     }
 
     async fn wake(&self) -> Result<(), BackendError> {
-        let agent = self.vm.wake(&self.rootfs).await?;
+        let agent = self.vm.wake(&self.record.rootfs).await?;
         *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = agent;
         Ok(())
     }
@@ -375,5 +543,14 @@ impl Instance for MicroVmInstance {
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         let vm = self.vm;
         blocking("destroy", move || vm.destroy()).await
+    }
+
+    fn adoption_record(&self) -> String {
+        serde_json::to_string(&self.record).unwrap_or_default()
+    }
+
+    async fn release(self: Box<Self>) -> Result<(), BackendError> {
+        self.vm.release();
+        Ok(())
     }
 }

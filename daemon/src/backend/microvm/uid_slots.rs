@@ -62,6 +62,11 @@ struct Slots {
 
 static SLOTS_IN_USE: OnceLock<Slots> = OnceLock::new();
 
+/// Whether `uid` is one of the VMMs' uids.
+pub fn is_vmm_uid(uid: u32) -> bool {
+    (FIRST_UID..FIRST_UID + SLOTS).contains(&uid)
+}
+
 /// Takes the next free uid.
 pub fn lease() -> Result<UidLease, UidSlotError> {
     let slots = SLOTS_IN_USE.get_or_init(|| Slots { live_at_start: live_uids_in_range(), next: Mutex::new(0) });
@@ -114,7 +119,7 @@ fn live_uids_in_range() -> HashSet<u32> {
         .filter(|entry| entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
         .filter_map(|entry| std::fs::read_to_string(entry.path().join("status")).ok())
         .filter_map(|status| status.lines().find_map(|line| line.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok())
-        .filter(|uid| (FIRST_UID..FIRST_UID + SLOTS).contains(uid))
+        .filter(|uid| is_vmm_uid(*uid))
         .collect()
 }
 

@@ -35,6 +35,8 @@ pub enum VmDirError {
     ForeignSocket { path: PathBuf, uid: u32 },
     #[error("the VMM left {path} in its snapshot, which must hold only files and directories: the snapshot was not used")]
     NotPlain { path: PathBuf },
+    #[error("{path} is not the regular file the daemon wrote: it was not used")]
+    NotAFile { path: PathBuf },
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmDirError + 'a {
@@ -152,6 +154,26 @@ pub fn link_socket(dir: &Path, name: &str, uid: u32) -> Result<Option<PathBuf>, 
         return Err(io_error("link", &link)(std::io::Error::last_os_error()));
     }
     Ok(Some(link))
+}
+
+/// Whether `path` (not followed if it is a symlink) is a socket.
+pub fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|meta| std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()))
+}
+
+/// The bytes of the regular file `path` (never a symlink), at most `max`
+/// of them; None if there is no such file.
+pub fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, VmDirError> {
+    let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        opened => opened.map_err(io_error("open", path))?,
+    };
+    if !file.metadata().map_err(io_error("inspect", path))?.is_file() {
+        return Err(VmDirError::NotAFile { path: path.to_path_buf() });
+    }
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes).map_err(io_error("read", path))?;
+    Ok(Some(bytes))
 }
 
 /// Removes `path` if it exists.

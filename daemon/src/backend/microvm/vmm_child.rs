@@ -6,12 +6,16 @@
 //! itself ([`sandbox_vmm::jailer`]). The clone shares the daemon's memory
 //! and stops the calling thread until the child has exec'd (like
 //! `posix_spawn`), and between the two the child only makes async-signal-
-//! safe calls on values prepared before the clone: it resets signal
-//! handlers and the signal mask, moves four descriptors onto 0..=3 and
-//! execs. The daemon gets a pidfd of the VMM itself: kill and wait go
-//! through it, so neither can hit a reused PID, and a wait can have a
-//! deadline (a VMM stuck in uninterruptible sleep does not die at once on
-//! SIGKILL; its threads' states say where it sleeps).
+//! safe calls on values prepared before the clone: it starts a session of
+//! its own (so that no signal to the daemon's terminal or process group
+//! reaches it, and it outlives the daemon), resets signal handlers and the
+//! signal mask, moves four descriptors onto 0..=3 and execs. The daemon
+//! gets a pidfd of the VMM itself: kill and wait go through it, so neither
+//! can hit a reused PID, and a wait can have a deadline (a VMM stuck in
+//! uninterruptible sleep does not die at once on SIGKILL; its threads'
+//! states say where it sleeps). A VMM an earlier run of the daemon started
+//! is watched the same way ([`VmmChild::adopt`]), though its exit status
+//! goes to whoever inherited it.
 
 use std::{
     ffi::{CString, OsStr},
@@ -27,6 +31,8 @@ use std::{
 
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 
+use crate::backend::process_identity::has_exited;
+
 /// The child's stack until it execs (it needs a few hundred bytes).
 const CHILD_STACK: usize = 256 * 1024;
 /// Descriptors handed to the child are first moved this high, above the
@@ -38,11 +44,42 @@ const PASSED_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 /// At most this many threads are described in a report.
 const MOST_THREADS: usize = 64;
 
-/// A VMM process started by [`VmmChild::spawn`].
+/// A VMM process started by [`VmmChild::spawn`], or by an earlier run of
+/// the daemon ([`VmmChild::adopt`]).
 pub struct VmmChild {
     pid: libc::pid_t,
     pidfd: OwnedFd,
-    status: Option<ExitStatus>,
+    /// Whether this process is its parent (and so can reap it).
+    ours: bool,
+    status: Option<VmmExit>,
+}
+
+/// How a VMM ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmExit {
+    Status(ExitStatus),
+    /// It was started by an earlier run of the daemon: its exit status went
+    /// to the process that inherited it.
+    NotOurs,
+}
+
+impl VmmExit {
+    /// The signal that killed it, when known.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            VmmExit::Status(status) => status.signal(),
+            VmmExit::NotOurs => None,
+        }
+    }
+}
+
+impl std::fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmmExit::Status(status) => status.fmt(f),
+            VmmExit::NotOurs => f.write_str("exited (started by an earlier run of the daemon, so its status is unknown)"),
+        }
+    }
 }
 
 /// What the child needs between the clone and exec, prepared beforehand.
@@ -65,6 +102,9 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
     // is an async-signal-safe call on values prepared before the clone.
     unsafe {
         let plan = &*(plan as *const ChildPlan);
+        if libc::setsid() == -1 {
+            child_failed(plan);
+        }
         reset_signal_handlers();
         libc::sigprocmask(libc::SIG_SETMASK, &plan.mask, std::ptr::null_mut());
         for (target, &source) in (0..).zip(plan.fds.iter()) {
@@ -212,7 +252,7 @@ impl VmmChild {
         };
         drop(error_write);
         // SAFETY: the kernel gave us this pidfd, and nothing else owns it.
-        let mut child = Self { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status: None };
+        let mut child = Self { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, ours: true, status: None };
         let mut errno = [0u8; 4];
         match nix::unistd::read(error_read.as_raw_fd(), &mut errno) {
             Ok(4) => {
@@ -223,22 +263,32 @@ impl VmmChild {
         }
     }
 
+    /// A VMM an earlier run of the daemon started, watched through
+    /// `pidfd` (opened on `pid` once its identity was checked).
+    pub fn adopt(pid: libc::pid_t, pidfd: OwnedFd) -> Self {
+        Self { pid, pidfd, ours: false, status: None }
+    }
+
     /// The VMM's PID in the daemon's PID namespace.
     pub fn pid(&self) -> u32 {
         self.pid.unsigned_abs()
     }
 
-    /// The exit status, once the VMM has exited (it is then reaped).
-    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+    /// How the VMM ended, once it has exited (our child is then reaped).
+    pub fn try_wait(&mut self) -> io::Result<Option<VmmExit>> {
         if self.status.is_none() {
-            self.status = match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
-                Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
-                Ok(WaitStatus::Signaled(_, signal, core)) => Some(ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 })),
-                Ok(_) => None,
-                Err(errno) => return Err(errno.into()),
-            };
+            self.status = if self.ours { self.reap()?.map(VmmExit::Status) } else { has_exited(&self.pidfd).then_some(VmmExit::NotOurs) };
         }
         Ok(self.status)
+    }
+
+    fn reap(&self) -> io::Result<Option<ExitStatus>> {
+        match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+            Ok(WaitStatus::Exited(_, code)) => Ok(Some(ExitStatus::from_raw((code & 0xff) << 8))),
+            Ok(WaitStatus::Signaled(_, signal, core)) => Ok(Some(ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 }))),
+            Ok(_) => Ok(None),
+            Err(errno) => Err(errno.into()),
+        }
     }
 
     /// Sends SIGKILL (nothing happens if the VMM has already exited).
@@ -252,7 +302,7 @@ impl VmmChild {
     }
 
     /// Waits up to `timeout` for the VMM to exit.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<VmmExit>> {
         if self.status.is_some() {
             return Ok(self.status);
         }
@@ -266,7 +316,7 @@ impl VmmChild {
     }
 
     /// Waits for the VMM to exit however long it takes; for a thread of its own.
-    pub fn wait_forever(&mut self) -> io::Result<ExitStatus> {
+    pub fn wait_forever(&mut self) -> io::Result<VmmExit> {
         loop {
             if let Some(status) = self.wait_timeout(Duration::from_secs(3600))? {
                 return Ok(status);

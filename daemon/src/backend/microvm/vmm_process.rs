@@ -14,9 +14,15 @@
 //! Nothing waits on a VMM without a deadline: a control request that gets
 //! no answer in time, or a VMM that does not die within seconds of
 //! SIGKILL, is reported with the states of its threads (and, for the
-//! first, killed). Each VMM holds the read end of a pipe on its standard
-//! input and exits when the daemon's end closes; what it prints goes to
-//! `vmm.log` in its directory.
+//! first, killed). What a VMM prints goes to `vmm.log` in its directory.
+//!
+//! A sandbox's VMM outlives the daemon ([`Lifetime::OutlivesDaemon`]): it
+//! runs in a session of its own with nothing tying it to the daemon, and
+//! the daemon notes who it is in `DIR/vmm.process` (pid, start time, boot
+//! id and uid), from which a restarted daemon finds it again
+//! ([`VmProcess::reattach`]). A VMM that serves the daemon only for a
+//! while (a template build) holds the read end of a pipe on its standard
+//! input instead, and exits when the daemon's end closes.
 
 use std::{
     collections::HashSet,
@@ -24,7 +30,7 @@ use std::{
     io::{Read, Write},
     os::{
         fd::{AsFd, OwnedFd},
-        unix::{net::UnixStream, process::ExitStatusExt},
+        unix::net::UnixStream,
     },
     path::{Path, PathBuf},
     sync::Mutex,
@@ -35,7 +41,7 @@ use sandbox_proto::agent::agent_client::AgentClient;
 use tonic::transport::Channel;
 
 use super::{
-    super::cgroup::Cgroup,
+    super::{cgroup::Cgroup, process_identity::{self, ProcessIdentity}},
     uid_slots::{self, UidLease, UidSlotError},
     vm_dir::{self, VmDirError, JAIL},
     vmm_child::VmmChild,
@@ -55,13 +61,17 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a VMM that is being stopped gets to answer, and then to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Who a VMM that outlives the daemon is, in its directory.
+const IDENTITY_FILE: &str = "vmm.process";
+/// Longest identity file read back.
+const MAX_IDENTITY: u64 = 4096;
 /// How long a VMM gets to die after SIGKILL before it is reported stuck.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest reply line the daemon reads from a VMM.
 const MAX_REPLY: usize = 1 << 20;
 /// The VMM's sockets, as named inside its jail and linked into its directory.
 const CONTROL_SOCKET: &str = "control.sock";
-const VSOCK_SOCKET: &str = "vsock.sock";
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// Where host files are bound read-only inside the jail.
 const KERNEL_BIND: &str = "kernel";
 const ROOTFS_BIND: &str = "rootfs";
@@ -78,6 +88,10 @@ pub enum VmProcessError {
     Spawn { launcher: PathBuf, source: std::io::Error },
     #[error("the jailed VMM runs as an unprivileged uid and cannot read {0}: make it readable by others (chmod a+rX), or rebuild the template")]
     Unreadable(PathBuf),
+    #[error("the process {pid} named in {file} runs as uid {found:?}, not as its VMM's uid {uid}: it was not re-adopted")]
+    ForeignProcess { pid: i32, file: PathBuf, uid: u32, found: Option<u32> },
+    #[error("{file} is unreadable ({reason}); its VMM, if any, is not re-adopted")]
+    Identity { file: PathBuf, reason: String },
     #[error("{0} is outside the VMM's jail directory, which is all a VMM can see: put it under {1}")]
     OutsideJail(PathBuf, PathBuf),
     #[error("no VMM runs in {0}")]
@@ -90,6 +104,24 @@ pub enum VmProcessError {
     Stuck { op: String, waited: Duration, threads: String },
     #[error("the VMM (pid {pid}) did not die within {KILL_TIMEOUT:?} of SIGKILL; a thread reaps it when it does; its threads: {threads}")]
     Unkillable { pid: u32, threads: String },
+}
+
+/// Whether a VMM may outlive the daemon that started it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// A sandbox's (or a pooled guest's) VMM: it runs on when the daemon
+    /// dies, and a restarted daemon re-adopts or reaps it.
+    OutlivesDaemon,
+    /// A VMM the daemon needs only for a while (a template build): it
+    /// stops its VM and exits when the daemon goes away.
+    WithDaemon,
+}
+
+/// Who a VMM that outlives the daemon is (`DIR/vmm.process`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct VmmIdentity {
+    process: ProcessIdentity,
+    uid: u32,
 }
 
 /// Where a VM's memory and state come from.
@@ -150,7 +182,6 @@ pub fn vmm_config(rootfs: &Path, source: &VmSource<'_>) -> serde_json::Value {
         }
     };
     let mut config = serde_json::json!({
-        "exit_with_stdin": true,
         "drive": { "base": jail_root(ROOTFS_BIND), "overlay": "/overlay.img" },
         "vsock": { "guest_cid": GUEST_CID, "uds": jail_root(VSOCK_SOCKET) },
         "serial_log": "/serial.log",
@@ -170,11 +201,14 @@ fn jail_root(name: &str) -> PathBuf {
     Path::new("/").join(name)
 }
 
-/// A running VMM, the uid it holds and the write end of its lifeline pipe.
+/// A running VMM and its uid; for a VMM this daemon started, the uid's
+/// lease (a re-adopted VMM holds the lease's lock itself) and, for one
+/// that must not outlive the daemon, the write end of its lifeline pipe.
 struct Running {
     child: VmmChild,
-    lease: UidLease,
-    _lifeline: OwnedFd,
+    uid: u32,
+    _lease: Option<UidLease>,
+    _lifeline: Option<OwnedFd>,
     /// The sockets linked into the directory since this VMM started.
     linked: HashSet<&'static str>,
     /// Whether its exit has been logged.
@@ -184,13 +218,44 @@ struct Running {
 /// A VMM process and the directory it works in.
 pub struct VmProcess {
     dir: PathBuf,
+    lifetime: Lifetime,
     running: Mutex<Option<Running>>,
 }
 
 impl VmProcess {
-    /// A VM directory with no process yet.
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir, running: Mutex::new(None) }
+    /// A VM directory with no process yet; its VMMs will live as `lifetime` says.
+    pub fn new(dir: PathBuf, lifetime: Lifetime) -> Self {
+        Self { dir, lifetime, running: Mutex::new(None) }
+    }
+
+    /// The VM directory `dir` of an earlier run of the daemon, with the VMM
+    /// that runs there re-attached: the very process that daemon started
+    /// (same pid, start time and boot, watched through a pidfd), running as
+    /// the VMM's uid. Without one (it exited, or the host rebooted), no VMM
+    /// runs. Only `DIR` is read, which is the daemon's alone.
+    pub fn reattach(dir: PathBuf) -> Result<Self, VmProcessError> {
+        let vm = Self::new(dir, Lifetime::OutlivesDaemon);
+        let file = vm.dir.join(IDENTITY_FILE);
+        let Some(identity) = read_identity(&file)? else { return Ok(vm) };
+        let Some(pidfd) = identity.process.open() else {
+            vm_dir::unlink(&file)?;
+            return Ok(vm);
+        };
+        let (pid, uid) = (identity.process.pid, identity.uid);
+        let found = process_identity::real_uid(pid);
+        if found != Some(uid) || !uid_slots::is_vmm_uid(uid) {
+            return Err(VmProcessError::ForeignProcess { pid, file, uid, found });
+        }
+        let linked = [CONTROL_SOCKET, VSOCK_SOCKET].into_iter().filter(|name| vm_dir::is_socket(&vm.dir.join(name))).collect();
+        let child = VmmChild::adopt(pid, pidfd);
+        *vm.lock() = Some(Running { child, uid, _lease: None, _lifeline: None, linked, exit_reported: false });
+        Ok(vm)
+    }
+
+    /// Lets the VMM run on without this daemon, which is stopping and will
+    /// re-adopt it: nothing is killed and its identity file stays.
+    pub fn release(&self) {
+        drop(self.lock().take());
     }
 
     pub fn dir(&self) -> &Path {
@@ -214,7 +279,7 @@ impl VmProcess {
     /// VMM to write into (a snapshot); returns what the VMM calls it.
     pub fn create_dir_for_vmm(&self, host: &Path) -> Result<PathBuf, VmProcessError> {
         let inside = self.jail_path(host)?;
-        let uid = self.lock().as_ref().map(|running| running.lease.uid()).ok_or_else(|| VmProcessError::NotRunning(self.dir.clone()))?;
+        let uid = self.lock().as_ref().map(|running| running.uid).ok_or_else(|| VmProcessError::NotRunning(self.dir.clone()))?;
         vm_dir::recreate_dir(host, uid)?;
         Ok(inside)
     }
@@ -241,6 +306,7 @@ impl VmProcess {
             vm_dir::unlink(&self.jail_dir().join(socket))?;
         }
         let mut config = config.clone();
+        config["exit_with_stdin"] = (self.lifetime == Lifetime::WithDaemon).into();
         for bind in config["jail"]["binds"].as_array().into_iter().flatten() {
             let source = Path::new(bind["source"].as_str().unwrap_or_default());
             vm_dir::readable_by_others(source).map_err(VmProcessError::Unreadable)?;
@@ -258,13 +324,39 @@ impl VmProcess {
         let log = vm_dir::open_log(&self.dir.join("vmm.log"))?;
         vm_dir::chown_tree(&self.jail_dir(), lease.uid(), lease.uid())?;
         let spawn_error = |source| VmProcessError::Spawn { launcher: launcher.to_path_buf(), source };
-        let (lifeline_read, lifeline) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| spawn_error(std::io::Error::from(errno)))?;
+        let (stdin, lifeline) = self.standard_input().map_err(spawn_error)?;
         let args = [OsStr::new("vmm"), OsStr::new("--config"), config_path.as_os_str()];
-        let fds = [lifeline_read.as_fd(), log.as_fd(), log.as_fd(), lease.lock()];
+        let fds = [stdin.as_fd(), log.as_fd(), log.as_fd(), lease.lock()];
         let child = VmmChild::spawn(launcher, &args, fds).map_err(spawn_error)?;
-        *self.lock() = Some(Running { child, lease, _lifeline: lifeline, linked: HashSet::new(), exit_reported: false });
-        Ok(())
+        let uid = lease.uid();
+        let identity = self.note_identity(child.pid(), uid);
+        *self.lock() = Some(Running { child, uid, _lease: Some(lease), _lifeline: lifeline, linked: HashSet::new(), exit_reported: false });
+        identity
+    }
+
+    /// The VMM's standard input: /dev/null for one that outlives the
+    /// daemon, else the read end of a lifeline pipe (with its write end).
+    fn standard_input(&self) -> std::io::Result<(OwnedFd, Option<OwnedFd>)> {
+        match self.lifetime {
+            Lifetime::OutlivesDaemon => Ok((std::fs::File::open("/dev/null")?.into(), None)),
+            Lifetime::WithDaemon => {
+                let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                Ok((read, Some(write)))
+            }
+        }
+    }
+
+    /// Writes who the new VMM is to `DIR/vmm.process` (for a VMM that
+    /// outlives the daemon).
+    fn note_identity(&self, pid: u32, uid: u32) -> Result<(), VmProcessError> {
+        if self.lifetime == Lifetime::WithDaemon {
+            return Ok(());
+        }
+        let file = self.dir.join(IDENTITY_FILE);
+        let process = ProcessIdentity::of(pid as i32)
+            .ok_or_else(|| VmProcessError::Identity { file: file.clone(), reason: format!("the VMM (pid {pid}) exited at once") })?;
+        let text = serde_json::to_string(&VmmIdentity { process, uid }).expect("an identity serializes");
+        Ok(vm_dir::write_private(&file, text.as_bytes())?)
     }
 
     /// The link to the VMM's socket `name`, made once the VMM has created
@@ -275,7 +367,7 @@ impl VmProcess {
         if running.linked.contains(name) {
             return Ok(Some(self.dir.join(name)));
         }
-        let link = vm_dir::link_socket(&self.dir, name, running.lease.uid())?;
+        let link = vm_dir::link_socket(&self.dir, name, running.uid)?;
         if link.is_some() {
             running.linked.insert(name);
         }
@@ -498,6 +590,7 @@ fn end(mut running: Running, dir: &Path) -> Result<(), VmProcessError> {
     match running.child.wait_timeout(KILL_TIMEOUT) {
         Ok(Some(_)) => {
             drop(running);
+            vm_dir::unlink(&dir.join(IDENTITY_FILE))?;
             vm_dir::chown_tree(&dir.join(JAIL), 0, 0).map_err(VmProcessError::from)
         }
         Ok(None) | Err(_) => {
@@ -523,6 +616,13 @@ impl Drop for VmProcess {
             }
         }
     }
+}
+
+/// The identity file of an earlier run's VMM, if there is one.
+fn read_identity(file: &Path) -> Result<Option<VmmIdentity>, VmProcessError> {
+    let unreadable = |reason: String| VmProcessError::Identity { file: file.to_path_buf(), reason };
+    let Some(text) = vm_dir::read_small(file, MAX_IDENTITY).map_err(|e| unreadable(e.to_string()))? else { return Ok(None) };
+    serde_json::from_slice(&text).map(Some).map_err(|e| unreadable(e.to_string()))
 }
 
 fn record_uffd_stats(stats: &serde_json::Value) {
