@@ -8,7 +8,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -55,6 +55,11 @@ pub struct WarmPool {
     last_miss: Mutex<Instant>,
     ready: Mutex<VecDeque<PooledGuest>>,
     wake: Notify,
+    /// Set once the pool is drained: it launches no more guests.
+    closed: AtomicBool,
+    /// Held while a guest is being launched, so that draining waits for it
+    /// (a guest outlives the daemon, so none may be left half-pooled).
+    launching: tokio::sync::Mutex<()>,
 }
 
 impl WarmPool {
@@ -69,6 +74,8 @@ impl WarmPool {
             last_miss: Mutex::new(Instant::now()),
             ready: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            launching: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(Arc::clone(&pool).refill_forever());
         pool
@@ -98,8 +105,12 @@ impl WarmPool {
         }
     }
 
-    /// Destroys every pooled guest (at shutdown).
+    /// Destroys every pooled guest and stops refilling (at shutdown),
+    /// waiting for a launch under way to end and be destroyed too.
     pub async fn drain(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+        let _idle = self.launching.lock().await;
         let guests: Vec<_> = self.lock().drain(..).collect();
         for guest in guests {
             discard(guest).await;
@@ -126,7 +137,13 @@ impl WarmPool {
         let mut backoff = RETRY_FIRST;
         loop {
             while self.ready_count() < self.target() && self.within_budget() {
-                match self.add_one().await {
+                let launching = self.launching.lock().await;
+                if self.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let added = self.add_one().await;
+                drop(launching);
+                match added {
                     Ok(()) => backoff = RETRY_FIRST,
                     Err(error) => {
                         tracing::warn!(%error, template = %self.name, retry_in = ?backoff, "cannot refill the warm pool");
@@ -134,6 +151,9 @@ impl WarmPool {
                         backoff = (backoff * 2).min(RETRY_MAX);
                     }
                 }
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return;
             }
             ::metrics::gauge!(metrics::POOL_TARGET, "template" => self.name.clone()).set(self.target() as f64);
             if tokio::time::timeout(IDLE / 2, self.wake.notified()).await.is_err() {
